@@ -1,0 +1,19 @@
+//! Data pipeline for dagmoe: byte-level BPE tokenizers, binary token shards
+//! with a JSON manifest, and a seeded streaming loader of fixed-length windows.
+//!
+//! The crate has no tensor dependency: batches are plain `u32` token ids that
+//! the trainer moves to its device.
+
+mod error;
+pub mod loader;
+pub mod manifest;
+pub mod prepare;
+pub mod rng;
+pub mod shard;
+pub mod tokenizer;
+
+pub use error::{DataError, Result};
+pub use loader::{Batch, EvalBatches, LoaderCursor, TokenStream, TrainLoader};
+pub use manifest::{Manifest, ShardInfo, SplitInfo};
+pub use prepare::{PrepareOptions, PrepareSummary, prepare_corpus};
+pub use tokenizer::{EOS_TOKEN, TextTokenizer, train_bpe_tokenizer};

@@ -1,0 +1,308 @@
+//! Streaming windows of `seq_len + 1` tokens over a split's shards.
+//!
+//! A split is one token stream: the shards in manifest order, each document
+//! followed by EOS. Window `w` covers tokens `w * seq_len ..= (w + 1) * seq_len`,
+//! so consecutive windows share one token and every token after the first is
+//! a target exactly once per epoch.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{Manifest, Split};
+use crate::rng::{SplitMix64, permutation};
+use crate::shard::Shard;
+use crate::{DataError, Result};
+
+/// The concatenated tokens of one split, memory-mapped.
+pub struct TokenStream {
+    shards: Vec<Shard>,
+    /// `starts[i]` is the stream position of the first token of shard `i`.
+    starts: Vec<u64>,
+    len: u64,
+}
+
+impl TokenStream {
+    /// Opens every shard of `split` under `dir` and verifies it against the manifest.
+    pub fn open(dir: &Path, manifest: &Manifest, split: Split) -> Result<Self> {
+        let mut shards = Vec::new();
+        let mut starts = Vec::new();
+        let mut len = 0;
+        for info in &manifest.split(split).shards {
+            let shard = Shard::open(&dir.join(&info.file), info.tokens, &info.sha256)?;
+            starts.push(len);
+            len += shard.len();
+            shards.push(shard);
+        }
+        Ok(Self { shards, starts, len })
+    }
+
+    /// Builds a stream from in-memory shards, for tests.
+    pub fn from_shards(shards: Vec<Shard>) -> Self {
+        let mut starts = Vec::new();
+        let mut len = 0;
+        for shard in &shards {
+            starts.push(len);
+            len += shard.len();
+        }
+        Self { shards, starts, len }
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies tokens `start..start + out.len()` of the stream into `out`, across shard boundaries.
+    pub fn read(&self, start: u64, out: &mut [u32]) {
+        assert!(start + out.len() as u64 <= self.len, "read past the end of the token stream");
+        let mut shard = self.starts.partition_point(|&s| s <= start) - 1;
+        let mut position = start;
+        let mut written = 0;
+        while written < out.len() {
+            let offset = position - self.starts[shard];
+            let available = (self.shards[shard].len() - offset) as usize;
+            let take = available.min(out.len() - written);
+            self.shards[shard].read(offset, &mut out[written..written + take]);
+            written += take;
+            position += take as u64;
+            shard += 1;
+        }
+    }
+}
+
+/// A batch of windows: `rows` windows of `seq_len + 1` tokens, row-major.
+/// Row `r` predicts `tokens[r][1..=target_lengths[r]]`; tokens past that are padding.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    pub tokens: Vec<u32>,
+    pub rows: usize,
+    pub seq_len: usize,
+    pub target_lengths: Vec<usize>,
+}
+
+impl Batch {
+    /// Number of predicted (scored) tokens in the batch.
+    pub fn target_count(&self) -> usize {
+        self.target_lengths.iter().sum()
+    }
+}
+
+/// Position of a [`TrainLoader`] in its data order, saved in checkpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoaderCursor {
+    pub epoch: u64,
+    /// Index of the next window in this epoch's permutation.
+    pub index: u64,
+}
+
+/// Training windows in a seeded order that changes every epoch.
+pub struct TrainLoader {
+    stream: TokenStream,
+    seq_len: usize,
+    batch_size: usize,
+    seed: u64,
+    cursor: LoaderCursor,
+    order: Vec<u32>,
+}
+
+impl TrainLoader {
+    pub fn new(stream: TokenStream, seq_len: usize, batch_size: usize, seed: u64) -> Result<Self> {
+        let windows = window_count(stream.len(), seq_len);
+        if windows == 0 {
+            return Err(DataError::Invalid(format!(
+                "the training split has {} tokens, fewer than seq_len + 1 = {}; prepare more data or lower data.seq_len",
+                stream.len(),
+                seq_len + 1
+            )));
+        }
+        if windows > u32::MAX as u64 {
+            return Err(DataError::Invalid(format!("{windows} windows exceed the loader's limit of 2^32")));
+        }
+        let order = epoch_order(windows as usize, seed, 0);
+        Ok(Self { stream, seq_len, batch_size, seed, cursor: LoaderCursor::default(), order })
+    }
+
+    /// Windows per epoch.
+    pub fn windows(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn cursor(&self) -> LoaderCursor {
+        self.cursor
+    }
+
+    /// Moves to a saved position; the next batch is the one that followed it.
+    pub fn restore(&mut self, cursor: LoaderCursor) {
+        if cursor.epoch != self.cursor.epoch {
+            self.order = epoch_order(self.order.len(), self.seed, cursor.epoch);
+        }
+        self.cursor = cursor;
+    }
+
+    /// Returns the next `batch_size` windows, moving to the next epoch's order when one ends.
+    pub fn next_batch(&mut self) -> Batch {
+        let width = self.seq_len + 1;
+        let mut tokens = vec![0u32; self.batch_size * width];
+        for row in tokens.chunks_mut(width) {
+            if self.cursor.index as usize == self.order.len() {
+                self.restore(LoaderCursor { epoch: self.cursor.epoch + 1, index: 0 });
+            }
+            let window = self.order[self.cursor.index as usize] as u64;
+            self.stream.read(window * self.seq_len as u64, row);
+            self.cursor.index += 1;
+        }
+        Batch { tokens, rows: self.batch_size, seq_len: self.seq_len, target_lengths: vec![self.seq_len; self.batch_size] }
+    }
+}
+
+fn window_count(tokens: u64, seq_len: usize) -> u64 {
+    tokens.saturating_sub(1) / seq_len as u64
+}
+
+fn epoch_order(windows: usize, seed: u64, epoch: u64) -> Vec<u32> {
+    let mut mixer = SplitMix64::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    permutation(windows, mixer.next_u64())
+}
+
+/// Sequential evaluation windows that score every token after the first exactly
+/// once: full windows, then one shorter window for the remainder, padded.
+pub struct EvalBatches<'a> {
+    stream: &'a TokenStream,
+    seq_len: usize,
+    batch_size: usize,
+    next_start: u64,
+    /// Stream position after the last token to score.
+    end: u64,
+}
+
+impl<'a> EvalBatches<'a> {
+    /// Covers the whole stream, or its first `max_tokens` targets when given.
+    pub fn new(stream: &'a TokenStream, seq_len: usize, batch_size: usize, max_tokens: Option<u64>) -> Self {
+        let end = match max_tokens {
+            Some(limit) => stream.len().min(limit + 1),
+            None => stream.len(),
+        };
+        Self { stream, seq_len, batch_size, next_start: 0, end }
+    }
+}
+
+impl Iterator for EvalBatches<'_> {
+    type Item = Batch;
+
+    fn next(&mut self) -> Option<Batch> {
+        let width = self.seq_len + 1;
+        let mut tokens = Vec::new();
+        let mut target_lengths = Vec::new();
+        while target_lengths.len() < self.batch_size && self.next_start + 1 < self.end {
+            let targets = (self.end - self.next_start - 1).min(self.seq_len as u64) as usize;
+            let mut row = vec![0u32; width];
+            self.stream.read(self.next_start, &mut row[..targets + 1]);
+            tokens.extend_from_slice(&row);
+            target_lengths.push(targets);
+            self.next_start += targets as u64;
+        }
+        if target_lengths.is_empty() {
+            return None;
+        }
+        Some(Batch { rows: target_lengths.len(), tokens, seq_len: self.seq_len, target_lengths })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::write_shard;
+
+    /// Builds a stream of `sizes.len()` shards whose tokens equal their stream position.
+    fn positional_stream(dir: &Path, sizes: &[u64]) -> TokenStream {
+        let mut shards = Vec::new();
+        let mut next = 0u32;
+        for (i, &size) in sizes.iter().enumerate() {
+            let tokens: Vec<u32> = (next..next + size as u32).collect();
+            next += size as u32;
+            let path = dir.join(format!("s{i}.bin"));
+            let sha = write_shard(&path, &tokens, 4).unwrap();
+            shards.push(Shard::open(&path, size, &sha).unwrap());
+        }
+        TokenStream::from_shards(shards)
+    }
+
+    #[test]
+    fn windows_cross_shard_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = positional_stream(dir.path(), &[5, 3, 11]);
+        let mut out = vec![0; 9];
+        stream.read(4, &mut out);
+        assert_eq!(out, (4..13).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn epoch_covers_each_window_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = positional_stream(dir.path(), &[50, 37, 13]);
+        let seq_len = 7;
+        let mut loader = TrainLoader::new(stream, seq_len, 2, 3).unwrap();
+        let windows = loader.windows();
+        assert_eq!(windows, 99 / 7);
+        let mut starts = Vec::new();
+        let mut first_epoch = Vec::new();
+        for _ in 0..windows {
+            let batch = loader.next_batch();
+            for row in batch.tokens.chunks(seq_len + 1) {
+                assert_eq!(row.to_vec(), (row[0]..row[0] + 8).collect::<Vec<u32>>(), "targets are inputs shifted by one");
+                starts.push(row[0]);
+            }
+        }
+        // Two epochs were consumed (2 rows per batch); each holds every window once.
+        first_epoch.extend_from_slice(&starts[..windows]);
+        let mut second_epoch = starts[windows..].to_vec();
+        first_epoch.sort_unstable();
+        second_epoch.sort_unstable();
+        let expected: Vec<u32> = (0..windows as u32).map(|w| w * seq_len as u32).collect();
+        assert_eq!(first_epoch, expected);
+        assert_eq!(second_epoch, expected);
+        assert_ne!(starts[..windows], starts[windows..], "each epoch has its own order");
+    }
+
+    #[test]
+    fn restore_continues_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reference = TrainLoader::new(positional_stream(dir.path(), &[64, 64]), 5, 3, 11).unwrap();
+        let batches: Vec<Batch> = (0..20).map(|_| reference.next_batch()).collect();
+        for stop in [0, 1, 7, 8, 19] {
+            let mut first = TrainLoader::new(positional_stream(dir.path(), &[64, 64]), 5, 3, 11).unwrap();
+            for _ in 0..stop {
+                first.next_batch();
+            }
+            let cursor = first.cursor();
+            let mut resumed = TrainLoader::new(positional_stream(dir.path(), &[64, 64]), 5, 3, 11).unwrap();
+            resumed.restore(cursor);
+            assert_eq!(resumed.next_batch(), batches[stop], "batch after a resume at {stop}");
+        }
+    }
+
+    #[test]
+    fn eval_windows_score_each_token_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = positional_stream(dir.path(), &[10, 13]);
+        let mut scored = Vec::new();
+        for batch in EvalBatches::new(&stream, 4, 2, None) {
+            for (row, &targets) in batch.tokens.chunks(5).zip(&batch.target_lengths) {
+                scored.extend_from_slice(&row[1..=targets]);
+            }
+        }
+        assert_eq!(scored, (1..23).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn eval_token_limit_is_respected() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = positional_stream(dir.path(), &[100]);
+        let scored: usize = EvalBatches::new(&stream, 8, 3, Some(30)).map(|b| b.target_count()).sum();
+        assert_eq!(scored, 30);
+    }
+}

@@ -1,0 +1,128 @@
+//! Byte-level BPE tokenizers in the Hugging Face `tokenizer.json` format.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+use crate::{DataError, Result};
+
+/// The end-of-document token that separates documents in the token stream.
+pub const EOS_TOKEN: &str = "<|endoftext|>";
+
+/// A loaded tokenizer with the identity recorded in manifests and checkpoints.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    path: PathBuf,
+    sha256: String,
+    eos_id: u32,
+}
+
+impl TextTokenizer {
+    /// Loads a `tokenizer.json` file that defines the [`EOS_TOKEN`] special token.
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| DataError::io("read tokenizer", path, e))?;
+        let inner = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let eos_id = inner.token_to_id(EOS_TOKEN).ok_or_else(|| DataError::Tokenizer {
+            path: path.to_path_buf(),
+            message: format!(
+                "no `{EOS_TOKEN}` token; train one with `dagmoe data tokenizer` or add it as a special token"
+            ),
+        })?;
+        Ok(Self { inner, path: path.to_path_buf(), sha256: sha256_hex(&bytes), eos_id })
+    }
+
+    /// Vocabulary size including special tokens: the model's embedding rows.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+
+    /// SHA-256 of the `tokenizer.json` bytes, which identifies the tokenizer in manifests.
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Encodes one document without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode_fast(text, false).map_err(|e| self.error(e))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// Encodes documents in parallel (the `tokenizers` crate uses rayon).
+    pub fn encode_batch(&self, texts: Vec<&str>) -> Result<Vec<Vec<u32>>> {
+        let encodings = self.inner.encode_batch_fast(texts, false).map_err(|e| self.error(e))?;
+        Ok(encodings.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: tokenizers::Error) -> DataError {
+        DataError::Tokenizer { path: self.path.clone(), message: e.to_string() }
+    }
+}
+
+/// Trains a byte-level BPE tokenizer on `documents` and writes it to `output`.
+///
+/// The vocabulary holds the 256 byte symbols, [`EOS_TOKEN`] and the learned
+/// merges, `vocab_size` entries in all.
+pub fn train_bpe_tokenizer(documents: &[String], vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
+    let minimum = ByteLevel::alphabet().len() + 1;
+    if vocab_size <= minimum {
+        return Err(DataError::Invalid(format!(
+            "vocab size {vocab_size} is too small: a byte-level BPE needs more than {minimum} entries (256 bytes and `{EOS_TOKEN}`); pass a larger --vocab-size"
+        )));
+    }
+    let tokenizer_error = |e: tokenizers::Error| DataError::Tokenizer {
+        path: output.to_path_buf(),
+        message: e.to_string(),
+    };
+
+    let trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(vec![AddedToken::from(EOS_TOKEN, true)])
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+
+    let mut tokenizer = Tokenizer::new(BPE::default());
+    // NOTE: no prefix space, so a document encodes to the same ids whether it
+    // starts a window or follows an EOS token.
+    let byte_level = ByteLevel::default().add_prefix_space(false);
+    tokenizer.with_pre_tokenizer(Some(byte_level));
+    tokenizer.with_decoder(Some(byte_level));
+    tokenizer.with_post_processor(Some(byte_level));
+    tokenizer
+        .train(&mut trainer, documents.iter())
+        .map_err(tokenizer_error)?;
+
+    if let Some(parent) = output.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| DataError::io("create directory", parent, e))?;
+    }
+    let temporary = output.with_extension("json.partial");
+    tokenizer.save(&temporary, true).map_err(tokenizer_error)?;
+    std::fs::rename(&temporary, output).map_err(|e| DataError::io("rename tokenizer to", output, e))?;
+    TextTokenizer::load(output)
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,118 @@
+//! DAG aggregation of the K expert outputs of each token.
+//!
+//! Shape letters: t tokens, k top-k slots (graph nodes), d model width,
+//! g message width `d_g`.
+//!
+//! Level `l` of the graph updates every node from all K nodes of level `l - 1`:
+//!
+//! ```text
+//! u_i   = LN(x_i) W_down                        [g]
+//! e_ij  = sigmoid([u_i; u_j] W_edge + b_edge)   soft edge j -> i, a scalar
+//! m_ij  = e_ij * ([u_i; u_j] W_node)            [g]
+//! x_i'  = x_i + (sum_j m_ij) W_up               W_up starts at zero
+//! ```
+//!
+//! The concatenation splits, `[u_i; u_j] W = u_i W_a + u_j W_b`, so the K x K
+//! pair terms cost two `[g, g]` products per node and one `[k, k] x [k, g]`
+//! product; no `[t, k, k, 2g]` tensor is built.
+
+use burn::module::{Module, Param};
+use burn::tensor::activation::sigmoid;
+use burn::tensor::{Device, Tensor};
+
+use crate::config::{DagConfig, DagNorm};
+use crate::layers::{LayerNorm, RmsNorm, normal_weight, project, project_with};
+
+/// One message-passing level of the DAG.
+#[derive(Module, Debug)]
+pub struct DagLevel {
+    pub layer_norm: Option<LayerNorm>,
+    pub rms_norm: Option<RmsNorm>,
+    /// `[d, g]`
+    pub w_down: Param<Tensor<2>>,
+    /// `[2g, 1]`: rows `0..g` act on the receiving node `i`, rows `g..2g` on the sender `j`.
+    pub w_edge: Param<Tensor<2>>,
+    /// `[1]`
+    pub b_edge: Param<Tensor<1>>,
+    /// `[2g, g]`, split like `w_edge`.
+    pub w_node: Param<Tensor<2>>,
+    /// `[g, d]`, zero at initialization so a new DAG starts as the weighted sum plus `x`.
+    pub w_up: Param<Tensor<2>>,
+}
+
+impl DagLevel {
+    pub fn new(d: usize, config: &DagConfig, eps: f64, std: f64, device: &Device) -> Self {
+        let g = config.d_g;
+        Self {
+            layer_norm: (config.norm == DagNorm::LayerNorm).then(|| LayerNorm::new(d, eps, device)),
+            rms_norm: (config.norm == DagNorm::RmsNorm).then(|| RmsNorm::new(d, eps, device)),
+            w_down: normal_weight(d, g, std, device),
+            w_edge: normal_weight(2 * g, 1, std, device),
+            b_edge: Param::from_tensor(Tensor::zeros([1], device)),
+            w_node: normal_weight(2 * g, g, std, device),
+            w_up: Param::from_tensor(Tensor::zeros([g, d], device)),
+        }
+    }
+
+    /// Parameters of one level.
+    pub fn param_count(d: usize, g: usize, norm: DagNorm) -> usize {
+        let norm_params = match norm {
+            DagNorm::LayerNorm => 2 * d,
+            DagNorm::RmsNorm => d,
+        };
+        norm_params + d * g + 2 * g + 1 + 2 * g * g + g * d
+    }
+
+    /// # Shapes
+    /// - x: `[t, k, d]` node states of the previous level, output: same
+    pub fn forward(&self, x_tkd: Tensor<3>) -> Tensor<3> {
+        let normed_tkd = match (&self.layer_norm, &self.rms_norm) {
+            (Some(norm), _) => norm.forward(x_tkd.clone()),
+            (None, Some(norm)) => norm.forward(x_tkd.clone()),
+            (None, None) => x_tkd.clone(),
+        };
+        let u_tkg = project(normed_tkd, &self.w_down);
+        let [_, g] = self.w_down.dims();
+
+        // Edge weights: e[t, i, j] = sigmoid(u_i W_a + u_j W_b + b).
+        // NOTE: every ordered pair is an edge, i == j included, because the
+        // specification's pair set is "all ordered pairs (i, j)".
+        let w_edge = self.w_edge.val();
+        let receiver_tk1 = project_with(u_tkg.clone(), w_edge.clone().narrow(0, 0, g));
+        let sender_tk1 = project_with(u_tkg.clone(), w_edge.narrow(0, g, g));
+        let edge_tkk = sigmoid(receiver_tk1 + sender_tk1.swap_dims(1, 2) + self.b_edge.val().unsqueeze());
+
+        // Messages: sum_j e_ij (u_i N_a + u_j N_b) = (u_i N_a) sum_j e_ij + sum_j e_ij (u_j N_b).
+        let w_node = self.w_node.val();
+        let receiver_tkg = project_with(u_tkg.clone(), w_node.clone().narrow(0, 0, g));
+        let sender_tkg = project_with(u_tkg, w_node.narrow(0, g, g));
+        let message_tkg = receiver_tkg * edge_tkk.clone().sum_dim(2) + edge_tkk.matmul(sender_tkg);
+
+        x_tkd + project(message_tkg, &self.w_up)
+    }
+}
+
+/// The `L` levels of a DAG aggregation.
+#[derive(Module, Debug)]
+pub struct DagAggregation {
+    pub levels: Vec<DagLevel>,
+}
+
+impl DagAggregation {
+    pub fn new(d: usize, config: &DagConfig, eps: f64, std: f64, device: &Device) -> Self {
+        Self { levels: (0..config.depth).map(|_| DagLevel::new(d, config, eps, std, device)).collect() }
+    }
+
+    /// Runs the levels and sums the final node states.
+    ///
+    /// # Shapes
+    /// - x: `[t, k, d]` level-0 node states, output: `[t, d]`
+    pub fn forward(&self, x_tkd: Tensor<3>) -> Tensor<2> {
+        let mut x_tkd = x_tkd;
+        for level in &self.levels {
+            x_tkd = level.forward(x_tkd);
+        }
+        let [t, _, d] = x_tkd.dims();
+        x_tkd.sum_dim(1).reshape([t, d])
+    }
+}

@@ -1,0 +1,41 @@
+//! Backend selection by device name.
+
+use burn::tensor::Device;
+
+/// Device names accepted in `train.device`.
+pub const DEVICE_NAMES: &str = "\"cpu\" (libtorch), \"cuda:N\" (libtorch on GPU N) or \"flex\" (pure Rust)";
+
+/// Returns the device named `name`, or an error naming the accepted values.
+pub fn parse_device(name: &str) -> Result<Device, String> {
+    match name {
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)] // burn-tch is the libtorch path this project builds on.
+        "cpu" => Ok(Device::libtorch()),
+        #[cfg(feature = "flex")]
+        "flex" => Ok(Device::flex()),
+        _ => {
+            if let Some(index) = name.strip_prefix("cuda:") {
+                return cuda_device(name, index);
+            }
+            Err(format!("unknown device {name:?}; use {DEVICE_NAMES}"))
+        }
+    }
+}
+
+#[cfg(feature = "tch")]
+fn cuda_device(name: &str, index: &str) -> Result<Device, String> {
+    let index: usize = index.parse().map_err(|_| format!("invalid device {name:?}; write the GPU index as in \"cuda:0\""))?;
+    let available = tch::Cuda::device_count() as usize;
+    if index >= available {
+        return Err(format!(
+            "device {name:?} is not available: libtorch sees {available} CUDA device(s); use train.device = \"cpu\" or a valid index"
+        ));
+    }
+    #[allow(deprecated)]
+    Ok(Device::libtorch_cuda(index))
+}
+
+#[cfg(not(feature = "tch"))]
+fn cuda_device(name: &str, _index: &str) -> Result<Device, String> {
+    Err(format!("device {name:?} needs the `tch` feature; rebuild with it or use train.device = \"flex\""))
+}

@@ -1,0 +1,274 @@
+//! Model property tests, run on every enabled backend with dimensions that
+//! are all different so a swapped axis cannot pass.
+
+use burn::module::Module;
+use burn::tensor::{Device, Distribution, Int, Tensor, TensorData, Tolerance};
+
+use crate::config::{Aggregation, DagConfig, DagNorm, ModelConfig, MoeConfig};
+use crate::layers::reference_attention;
+use crate::model::{DagMoeModel, token_nll};
+use crate::moe::{Dispatch, MoeLayer};
+
+/// Autodiff devices of every enabled backend.
+fn devices() -> Vec<Device> {
+    let mut devices = Vec::new();
+    #[cfg(feature = "tch")]
+    devices.push(crate::parse_device("cpu").unwrap().autodiff());
+    #[cfg(feature = "flex")]
+    devices.push(crate::parse_device("flex").unwrap().autodiff());
+    devices
+}
+
+fn tiny_config(aggregation: Aggregation, depth: usize) -> ModelConfig {
+    ModelConfig {
+        vocab_size: 61,
+        d_model: 24,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        d_ff: 40,
+        rope_theta: 10_000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        init_std: 0.1,
+        moe: MoeConfig {
+            n_experts: 5,
+            top_k: 3,
+            d_expert: 12,
+            every: 1,
+            shared_expert_hidden: 0,
+            aggregation,
+            renormalize_gates: false,
+            load_balance_coef: 0.01,
+            z_loss_coef: 0.001,
+        },
+        dag: DagConfig { depth, d_g: 7, inject_input: true, scale_injection: true, norm: DagNorm::LayerNorm },
+    }
+}
+
+fn moe_layer(config: &ModelConfig, device: &Device) -> MoeLayer {
+    MoeLayer::new(config.d_model, &config.moe, &config.dag, config.norm_eps, config.init_std, device)
+}
+
+fn random_input(t: usize, d: usize, device: &Device) -> Tensor<2> {
+    Tensor::random([t, d], Distribution::Normal(0.0, 1.0), device)
+}
+
+fn assert_close<const D: usize>(actual: Tensor<D>, expected: Tensor<D>, what: &str) {
+    let tolerance = Tolerance::<f32>::absolute(1e-5).set_relative(1e-4);
+    actual.into_data().assert_approx_eq::<f32>(&expected.into_data(), tolerance);
+    let _ = what;
+}
+
+#[test]
+fn dag_with_zero_up_projection_is_weighted_sum_plus_input() {
+    for device in devices() {
+        for depth in [0, 1, 2] {
+            let config = tiny_config(Aggregation::Dag, depth);
+            let layer = moe_layer(&config, &device);
+            let mut weighted_sum = layer.clone();
+            weighted_sum.dag = None;
+            let x_td = random_input(13, 24, &device);
+            let dag_td = layer.forward(x_td.clone(), Dispatch::Sparse).y_td;
+            let baseline_td = weighted_sum.forward(x_td.clone(), Dispatch::Sparse).y_td;
+            assert_close(dag_td, baseline_td + x_td, "zero W_up");
+        }
+    }
+}
+
+#[test]
+fn dag_without_injection_and_depth_zero_is_weighted_sum() {
+    for device in devices() {
+        let mut config = tiny_config(Aggregation::Dag, 0);
+        config.dag.inject_input = false;
+        let layer = moe_layer(&config, &device);
+        let mut weighted_sum = layer.clone();
+        weighted_sum.dag = None;
+        let x_td = random_input(13, 24, &device);
+        assert_close(
+            layer.forward(x_td.clone(), Dispatch::Sparse).y_td,
+            weighted_sum.forward(x_td, Dispatch::Sparse).y_td,
+            "no injection",
+        );
+    }
+}
+
+#[test]
+fn only_up_projection_gets_gradient_at_init() {
+    for device in devices() {
+        let config = tiny_config(Aggregation::Dag, 2);
+        let layer = moe_layer(&config, &device);
+        let x_td = random_input(13, 24, &device);
+        let grads = layer.forward(x_td, Dispatch::Sparse).y_td.sin().sum().backward();
+        let dag = layer.dag.as_ref().unwrap();
+        let norm = |t: Option<Tensor<2>>| t.map(|g| g.abs().sum().into_scalar::<f32>()).unwrap_or(0.0);
+        for level in &dag.levels {
+            assert!(norm(level.w_up.val().grad(&grads)) > 0.0, "W_up gradient is zero");
+            assert_eq!(norm(level.w_down.val().grad(&grads)), 0.0, "W_down gradient");
+            assert_eq!(norm(level.w_edge.val().grad(&grads)), 0.0, "W_edge gradient");
+            assert_eq!(norm(level.w_node.val().grad(&grads)), 0.0, "W_node gradient");
+        }
+        assert!(norm(layer.router.val().grad(&grads)) > 0.0, "router gradient is zero");
+    }
+}
+
+#[test]
+fn sparse_dispatch_matches_dense_in_value_and_gradient() {
+    for device in devices() {
+        for aggregation in [Aggregation::WeightedSum, Aggregation::Dag] {
+            let mut config = tiny_config(aggregation, 2);
+            config.moe.shared_expert_hidden = 9;
+            let mut layer = moe_layer(&config, &device);
+            // Give W_up a non-zero value so every DAG weight is on the gradient path.
+            for level in layer.dag.iter_mut().flat_map(|dag| dag.levels.iter_mut()) {
+                level.w_up = level.w_up.clone().map(|w| w.random_like(Distribution::Normal(0.0, 0.1)).require_grad());
+            }
+            let x_td = random_input(13, 24, &device).require_grad();
+            let sparse = layer.forward(x_td.clone(), Dispatch::Sparse).y_td;
+            let dense = layer.forward(x_td.clone(), Dispatch::Dense).y_td;
+            let sparse_grads = sparse.clone().sin().sum().backward();
+            let dense_grads = dense.clone().sin().sum().backward();
+            assert_close(sparse, dense, "output");
+            assert_close(x_td.grad(&sparse_grads).unwrap(), x_td.grad(&dense_grads).unwrap(), "input gradient");
+            let mut visitor = GradientPairs { sparse: &sparse_grads, dense: &dense_grads, compared: 0 };
+            layer.visit(&mut visitor);
+            assert!(visitor.compared > 10, "compared {} parameter gradients", visitor.compared);
+        }
+    }
+}
+
+struct GradientPairs<'a> {
+    sparse: &'a burn::tensor::Gradients,
+    dense: &'a burn::tensor::Gradients,
+    compared: usize,
+}
+
+impl burn::module::ModuleVisitor for GradientPairs<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let value = param.val();
+        let zeros = || value.zeros_like().inner();
+        let sparse = value.grad(self.sparse).unwrap_or_else(zeros);
+        let dense = value.grad(self.dense).unwrap_or_else(zeros);
+        assert_close(sparse, dense, "parameter gradient");
+        self.compared += 1;
+    }
+}
+
+#[test]
+fn expert_with_no_token_survives_backward() {
+    for device in devices() {
+        let mut config = tiny_config(Aggregation::Dag, 1);
+        config.moe.n_experts = 7;
+        config.moe.top_k = 1;
+        let layer = moe_layer(&config, &device);
+        // Two tokens and seven experts: at least five experts get nothing.
+        let output = layer.forward(random_input(2, 24, &device), Dispatch::Sparse);
+        assert!(output.tokens_per_expert.iter().filter(|&&n| n == 0).count() >= 5);
+        let grads = output.y_td.sum().backward();
+        assert!(layer.router.val().grad(&grads).is_some());
+    }
+}
+
+#[test]
+fn router_losses_match_hand_computation() {
+    for device in devices() {
+        let config = tiny_config(Aggregation::WeightedSum, 1);
+        let layer = moe_layer(&config, &device);
+        let x_td = random_input(11, 24, &device);
+        let output = layer.forward(x_td.clone(), Dispatch::Sparse);
+
+        let logits: Vec<f32> = x_td.matmul(layer.router.val()).into_data().iter::<f32>().collect();
+        let (t, e, k) = (11, 5, 3);
+        let mut counts = vec![0f64; e];
+        let mut mean_prob = vec![0f64; e];
+        let mut z = 0f64;
+        for row in logits.chunks(e) {
+            let max = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let sum: f64 = row.iter().map(|&l| (l as f64 - max).exp()).sum();
+            z += (max + sum.ln()).powi(2);
+            let probs: Vec<f64> = row.iter().map(|&l| (l as f64 - max).exp() / sum).collect();
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+            for &j in &order[..k] {
+                counts[j] += 1.0;
+            }
+            for j in 0..e {
+                mean_prob[j] += probs[j] / t as f64;
+            }
+        }
+        let load_balance: f64 = e as f64 * (0..e).map(|j| counts[j] / (t * k) as f64 * mean_prob[j]).sum::<f64>();
+        let z_loss = z / t as f64;
+        let actual_lb = output.losses.load_balance.into_scalar::<f32>() as f64;
+        let actual_z = output.losses.z_loss.into_scalar::<f32>() as f64;
+        assert!((actual_lb - load_balance).abs() < 1e-5, "load balance {actual_lb} vs {load_balance}");
+        assert!((actual_z - z_loss).abs() < 1e-5, "z-loss {actual_z} vs {z_loss}");
+    }
+}
+
+#[test]
+fn attention_matches_masked_softmax_reference() {
+    for device in devices() {
+        let q = Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &device);
+        let options = burn::tensor::ops::AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let fused = burn::tensor::module::attention(q.clone(), k.clone(), v.clone(), None, None, options);
+        assert_close(fused, reference_attention(q, k, v), "attention");
+    }
+}
+
+#[test]
+fn logits_are_causal() {
+    for device in devices() {
+        let config = tiny_config(Aggregation::Dag, 1);
+        let model = DagMoeModel::new(&config, 16, &device).unwrap();
+        let tokens: Vec<i64> = (0..18).map(|i| (i * 7 % 61) as i64).collect();
+        let mut changed = tokens.clone();
+        changed[8] = 60; // row 0 position 8 and later may change; positions 0..8 may not
+        let logits = |ids: Vec<i64>| {
+            let tokens_bt = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 9]), &device);
+            model.forward(tokens_bt).logits_btv
+        };
+        let before = logits(tokens).narrow(1, 0, 8);
+        let after = logits(changed).narrow(1, 0, 8);
+        assert_close(before, after, "causal");
+    }
+}
+
+#[test]
+fn training_steps_reduce_the_loss() {
+    for device in devices() {
+        for aggregation in [Aggregation::WeightedSum, Aggregation::Dag] {
+            let config = tiny_config(aggregation, 1);
+            let mut model = DagMoeModel::new(&config, 16, &device).unwrap();
+            let ids: Vec<i64> = (0..34).map(|i| (i * i % 61) as i64).collect();
+            let batch = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 17]), &device);
+            let inputs = batch.clone().narrow(1, 0, 16);
+            let targets = batch.narrow(1, 1, 16);
+            let mut losses = Vec::new();
+            for _ in 0..8 {
+                let loss = token_nll(model.forward(inputs.clone()).logits_btv, targets.clone()).mean();
+                losses.push(loss.clone().into_scalar::<f32>());
+                let grads = loss.backward();
+                model = model.map(&mut SgdStep { grads: &grads, lr: 0.5 });
+            }
+            assert!(losses[7] < losses[0] * 0.9, "{aggregation:?} losses {losses:?}");
+        }
+    }
+}
+
+struct SgdStep<'a> {
+    grads: &'a burn::tensor::Gradients,
+    lr: f64,
+}
+
+impl burn::module::ModuleMapper for SgdStep<'_> {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let updated = match tensor.grad(self.grads) {
+            Some(grad) => Tensor::from_inner(tensor.inner() - grad.mul_scalar(self.lr)).require_grad(),
+            None => tensor,
+        };
+        burn::module::Param::from_mapped_value(id, updated, mapper)
+    }
+}

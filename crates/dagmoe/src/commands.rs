@@ -1,0 +1,178 @@
+//! The work behind each subcommand that is more than a call into `train`.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use dagmoe_data::{PrepareOptions, PrepareSummary, TextTokenizer, TokenStream};
+use dagmoe_data::manifest::Split;
+use dagmoe_model::{ParamCounts, parse_device};
+use serde::Serialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{RunConfig, parse_config};
+use crate::error::{Error, Result};
+use crate::eval::{DataIdentity, EvalResult, Unigram, evaluate, open_eval_set};
+use crate::train::set_threads;
+
+/// Trains a byte-level BPE tokenizer on the documents under `input`.
+pub fn train_tokenizer(input: &Path, vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
+    if output.exists() {
+        return Err(Error::Usage(format!(
+            "tokenizer {} already exists; delete it or pass another --output",
+            output.display()
+        )));
+    }
+    let (documents, _) = dagmoe_data::prepare::read_documents(input)?;
+    let texts: Vec<String> = documents.into_iter().map(|(_, text)| text).collect();
+    Ok(dagmoe_data::train_bpe_tokenizer(&texts, vocab_size, output)?)
+}
+
+/// Copies an existing `tokenizer.json` to `output` after checking that it loads.
+pub fn import_tokenizer(source: &Path, output: &Path) -> Result<TextTokenizer> {
+    TextTokenizer::load(source)?;
+    if output.exists() {
+        return Err(Error::Usage(format!("tokenizer {} already exists; delete it or pass another --output", output.display())));
+    }
+    std::fs::copy(source, output).map_err(|e| Error::io("copy tokenizer to", output, e))?;
+    Ok(TextTokenizer::load(output)?)
+}
+
+/// Tokenizes a corpus into a prepared directory.
+pub fn prepare(tokenizer_path: &Path, options: &PrepareOptions) -> Result<PrepareSummary> {
+    let tokenizer = TextTokenizer::load(tokenizer_path)?;
+    Ok(dagmoe_data::prepare_corpus(&tokenizer, options)?)
+}
+
+/// Builds a fine-tuning config: `[data]` and `[train]` from `file`, `[model]`
+/// from the checkpoint. A `[model]` section in `file` must match the checkpoint's.
+pub fn finetune_config(from: &Path, file: &Path, overrides: &[String]) -> Result<RunConfig> {
+    let checkpoint = Checkpoint::open(from)?;
+    let text = std::fs::read_to_string(file).map_err(|e| Error::io("read config", file, e))?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| Error::Config(format!("{} is not valid TOML: {}", file.display(), e.message())))?;
+    let model = toml::Table::try_from(&checkpoint.config.model).expect("a model config serializes");
+    match table.get("model") {
+        None => {
+            table.insert("model".into(), toml::Value::Table(model));
+        }
+        Some(given) => {
+            let given_model = given.as_table().cloned().unwrap_or_default();
+            let differing = differing_keys("model", &toml::Value::Table(given_model), &toml::Value::Table(model));
+            if !differing.is_empty() {
+                return Err(Error::Config(format!(
+                    "{}: [model] differs from the checkpoint {} in {}; remove [model] to take the checkpoint's",
+                    file.display(),
+                    from.display(),
+                    differing.join(", ")
+                )));
+            }
+        }
+    }
+    let resolved = toml::to_string(&table).expect("a TOML table serializes");
+    parse_config(&resolved, &file.display().to_string(), overrides)
+}
+
+/// Dotted keys whose values differ between two TOML values; keys only in `given` count too.
+fn differing_keys(prefix: &str, given: &toml::Value, expected: &toml::Value) -> Vec<String> {
+    match (given, expected) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => a
+            .iter()
+            .flat_map(|(key, value)| match b.get(key) {
+                Some(other) => differing_keys(&format!("{prefix}.{key}"), value, other),
+                None => vec![format!("{prefix}.{key}")],
+            })
+            .collect(),
+        (a, b) if a == b => Vec::new(),
+        // An integer written where the config holds a float compares by value.
+        (a, b) if as_number(a).is_some() && as_number(a) == as_number(b) => Vec::new(),
+        _ => vec![prefix.to_string()],
+    }
+}
+
+fn as_number(value: &toml::Value) -> Option<f64> {
+    value.as_float().or(value.as_integer().map(|i| i as f64))
+}
+
+/// Report written by `dagmoe eval`.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub checkpoint: PathBuf,
+    pub step: u64,
+    pub results: Vec<EvalResult>,
+}
+
+/// Options of `dagmoe eval`.
+pub struct EvalOptions {
+    pub checkpoint: PathBuf,
+    /// Named prepared directories; empty uses the checkpoint's `data.valid`.
+    pub sets: Vec<(String, PathBuf)>,
+    /// Maximum tokens per set; `None` uses the checkpoint's `data.eval_tokens`.
+    pub eval_tokens: Option<u64>,
+    /// Device override; `None` uses the checkpoint's `train.device`.
+    pub device: Option<String>,
+}
+
+/// Scores a checkpoint on each set.
+pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
+    let checkpoint = Checkpoint::open(&options.checkpoint)?;
+    let config = &checkpoint.config;
+    set_threads(config.train.threads);
+    let device_name = options.device.clone().unwrap_or_else(|| config.train.device.clone());
+    let device = parse_device(&device_name).map_err(Error::Usage)?.autodiff();
+    let model = checkpoint.load_model(&device)?.valid();
+    let device = device.inner();
+
+    let identity = DataIdentity {
+        vocab_size: config.model.vocab_size,
+        tokenizer_sha256: checkpoint.state.tokenizer_sha256.clone(),
+    };
+    let sets: Vec<(String, PathBuf)> = if options.sets.is_empty() {
+        config.data.valid.iter().map(|(name, dir)| (name.clone(), dir.clone())).collect()
+    } else {
+        options.sets.clone()
+    };
+    if sets.is_empty() {
+        return Err(Error::Usage("no evaluation sets: pass --data NAME=DIR or set data.valid in the config".into()));
+    }
+    // The unigram baseline needs the training split; it is skipped when that data is gone.
+    let unigram = dagmoe_data::Manifest::load(&config.data.train)
+        .ok()
+        .and_then(|manifest| TokenStream::open(&config.data.train, &manifest, Split::Train).ok())
+        .map(|stream| Unigram::fit(&stream, config.model.vocab_size));
+    let limit = options.eval_tokens.unwrap_or(config.data.eval_tokens);
+    let max_tokens = (limit > 0).then_some(limit);
+
+    let mut results = Vec::new();
+    for (name, dir) in &sets {
+        if !dir.exists() {
+            return Err(Error::Usage(format!(
+                "evaluation set {name}: {} does not exist; run scripts/get-corpus.sh and `dagmoe data prepare`, or fix --data",
+                dir.display()
+            )));
+        }
+        let set = open_eval_set(name, dir, &identity)?;
+        let result = evaluate(&model, &set, config.data.seq_len, config.train.eval_batch_size, max_tokens, unigram.as_ref(), &device);
+        results.push(result);
+    }
+    Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, results })
+}
+
+/// Formats the parameter counts of a model config as a table.
+pub fn params_table(config: &RunConfig) -> String {
+    let counts = ParamCounts::of(&config.model);
+    let rows = [
+        ("total", counts.total),
+        ("active per token", counts.active_per_token),
+        ("embedding", counts.embedding),
+        ("lm head", counts.lm_head),
+        ("attention", counts.attention),
+        ("norms", counts.norms),
+        ("dense ffn", counts.dense_ffn),
+        ("router", counts.router),
+        ("experts", counts.experts),
+        ("shared experts", counts.shared_experts),
+        ("dag", counts.dag),
+    ];
+    rows.iter().map(|(name, count)| format!("{name:<18} {count:>12}\n")).collect()
+}

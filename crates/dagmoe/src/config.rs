@@ -1,0 +1,305 @@
+//! Run configuration: one TOML file with `[model]`, `[data]` and `[train]`,
+//! `--set section.key=value` overrides, and validation before any tensor exists.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use dagmoe_model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// A whole run: model, data and training settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+}
+
+/// `[data]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Prepared data directory (from `dagmoe data prepare`) whose train split is trained on.
+    pub train: PathBuf,
+    /// Named evaluation sets: each a prepared directory whose valid split is scored.
+    #[serde(default)]
+    pub valid: BTreeMap<String, PathBuf>,
+    /// The `tokenizer.json` the data was prepared with.
+    pub tokenizer: PathBuf,
+    /// Tokens per training sequence.
+    pub seq_len: usize,
+    /// Maximum tokens scored per evaluation set; 0 scores the whole split.
+    #[serde(default)]
+    pub eval_tokens: u64,
+}
+
+/// `[train]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate of the cosine decay, as a fraction of `lr`.
+    #[serde(default = "default_min_lr_ratio")]
+    pub min_lr_ratio: f64,
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay, applied to matrices only (not norms or biases).
+    pub weight_decay: f64,
+    #[serde(default = "default_beta1")]
+    pub beta1: f64,
+    #[serde(default = "default_beta2")]
+    pub beta2: f64,
+    #[serde(default = "default_adam_eps")]
+    pub adam_eps: f64,
+    /// Maximum global gradient norm; 0 disables clipping.
+    pub grad_clip: f64,
+    pub seed: u64,
+    /// Steps between progress lines and `metrics.jsonl` records.
+    pub log_every: u64,
+    /// Steps between evaluations; 0 evaluates only at the end.
+    pub eval_every: u64,
+    /// Steps between checkpoints; 0 saves only at the end.
+    pub checkpoint_every: u64,
+    /// Checkpoints kept in the run directory; older ones are deleted.
+    pub keep_last: usize,
+    /// Run directory for checkpoints, metrics and reports.
+    pub out_dir: PathBuf,
+    /// "cpu" (libtorch), "cuda:N" or "flex".
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Compute threads; 0 uses every core.
+    #[serde(default)]
+    pub threads: usize,
+    /// Sequences per evaluation batch.
+    #[serde(default = "default_eval_batch_size")]
+    pub eval_batch_size: usize,
+}
+
+fn one() -> usize {
+    1
+}
+fn default_min_lr_ratio() -> f64 {
+    0.1
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.95
+}
+fn default_adam_eps() -> f64 {
+    1e-8
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_eval_batch_size() -> usize {
+    8
+}
+
+/// Reads `path`, applies `overrides` (`section.key=value`, the value in TOML
+/// syntax or a bare string) and validates the result.
+pub fn load_config(path: &Path, overrides: &[String]) -> Result<RunConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read config", path, e))?;
+    parse_config(&text, &path.display().to_string(), overrides)
+}
+
+/// Parses a config from text; `origin` names it in error messages.
+pub fn parse_config(text: &str, origin: &str, overrides: &[String]) -> Result<RunConfig> {
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        Error::Config(format!("{origin} is not valid TOML: {}", first_line(e.message())))
+    })?;
+    for assignment in overrides {
+        apply_override(&mut table, assignment)?;
+    }
+    let resolved = toml::to_string(&table).expect("a parsed TOML table serializes");
+    let config: RunConfig = toml::from_str(&resolved).map_err(|e| describe_error(&e, &resolved, origin))?;
+    validate(&config).map_err(|message| Error::Config(format!("{origin}: {message}")))?;
+    Ok(config)
+}
+
+fn first_line(message: &str) -> &str {
+    message.lines().next().unwrap_or(message).trim()
+}
+
+/// Turns a serde error into one line naming the section, key and fix.
+fn describe_error(error: &toml::de::Error, text: &str, origin: &str) -> Error {
+    let section = error
+        .span()
+        .map(|span| {
+            text[..span.start]
+                .lines()
+                .rev()
+                .find(|line| line.trim_start().starts_with('['))
+                .map(|line| format!(" in {}", line.trim()))
+                .unwrap_or_default()
+        })
+        .unwrap_or_default();
+    let message = first_line(error.message());
+    let fix = if message.starts_with("unknown field") {
+        "remove it or correct its spelling"
+    } else if message.starts_with("missing field") {
+        "add it to the config or pass --set"
+    } else {
+        "correct the value"
+    };
+    Error::Config(format!("{origin}{section}: {message}; {fix}"))
+}
+
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment.split_once('=').ok_or_else(|| {
+        Error::Config(format!("invalid --set {assignment:?}: write it as section.key=value, for example train.lr=1e-3"))
+    })?;
+    let path: Vec<&str> = key.trim().split('.').collect();
+    if path.len() < 2 || path.iter().any(|part| part.is_empty()) {
+        return Err(Error::Config(format!(
+            "invalid --set key {key:?}: name a section and a key, for example train.lr"
+        )));
+    }
+    let value = parse_value(raw.trim());
+    let (last, sections) = path.split_last().expect("path has at least two parts");
+    let mut current = table;
+    for section in sections {
+        let entry = current.entry(section.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        current = entry.as_table_mut().ok_or_else(|| {
+            Error::Config(format!("invalid --set key {key:?}: {section} is a value, not a section"))
+        })?;
+    }
+    current.insert(last.to_string(), value);
+    Ok(())
+}
+
+/// Reads a TOML value (`3`, `1e-3`, `true`, `"text"`), or takes the text as a string.
+fn parse_value(raw: &str) -> toml::Value {
+    let wrapped = format!("value = {raw}");
+    match wrapped.parse::<toml::Table>() {
+        Ok(mut table) => table.remove("value").expect("the key was just written"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+/// Checks the values that serde cannot: ranges and relations between fields.
+pub fn validate(config: &RunConfig) -> std::result::Result<(), String> {
+    config.model.validate().map_err(|e| e.to_string())?;
+    let train = &config.train;
+    let positive = [
+        ("data.seq_len", config.data.seq_len as f64),
+        ("train.steps", train.steps as f64),
+        ("train.batch_size", train.batch_size as f64),
+        ("train.grad_accum", train.grad_accum as f64),
+        ("train.log_every", train.log_every as f64),
+        ("train.keep_last", train.keep_last as f64),
+        ("train.eval_batch_size", train.eval_batch_size as f64),
+    ];
+    for (field, value) in positive {
+        if value <= 0.0 {
+            return Err(format!("invalid {field} = {value}: use a positive integer"));
+        }
+    }
+    let nonnegative = [
+        ("train.lr", train.lr),
+        ("train.weight_decay", train.weight_decay),
+        ("train.grad_clip", train.grad_clip),
+        ("train.adam_eps", train.adam_eps),
+    ];
+    for (field, value) in nonnegative {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(format!("invalid {field} = {value}: use a finite value >= 0"));
+        }
+    }
+    for (field, value) in [("train.beta1", train.beta1), ("train.beta2", train.beta2), ("train.min_lr_ratio", train.min_lr_ratio)] {
+        if !(0.0..=1.0).contains(&value) || (field != "train.min_lr_ratio" && value == 1.0) {
+            return Err(format!("invalid {field} = {value}: use a value in [0, 1)"));
+        }
+    }
+    if train.warmup_steps > train.steps {
+        return Err(format!(
+            "invalid train.warmup_steps = {}: must be at most train.steps = {}",
+            train.warmup_steps, train.steps
+        ));
+    }
+    dagmoe_model::parse_device(&train.device).map_err(|e| format!("invalid train.device: {e}"))?;
+    Ok(())
+}
+
+impl RunConfig {
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a run config serializes to TOML")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) const TINY: &str = include_str!("../../../configs/tiny-dagmoe.toml");
+
+    fn error_of(text: &str, overrides: &[&str]) -> String {
+        let overrides: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        parse_config(text, "test.toml", &overrides).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn tiny_config_parses() {
+        let config = parse_config(TINY, "tiny", &[]).unwrap();
+        assert_eq!(config.model.moe.aggregation, dagmoe_model::Aggregation::Dag);
+    }
+
+    #[test]
+    fn override_changes_value() {
+        let config = parse_config(TINY, "tiny", &["train.lr=0.5".into(), "model.dag.depth=0".into()]).unwrap();
+        assert_eq!(config.train.lr, 0.5);
+        assert_eq!(config.model.dag.depth, 0);
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_section() {
+        let message = error_of(TINY, &["train.learning_rate=1"]);
+        assert!(message.contains("unknown field `learning_rate`"), "{message}");
+        assert!(message.contains("[train]"), "{message}");
+    }
+
+    #[test]
+    fn unknown_section_is_rejected() {
+        let message = error_of(&format!("{TINY}\n[optimizer]\nlr = 1\n"), &[]);
+        assert!(message.contains("unknown field `optimizer`"), "{message}");
+    }
+
+    #[test]
+    fn missing_key_is_rejected() {
+        let text: String = TINY.lines().filter(|line| !line.starts_with("seq_len")).map(|l| format!("{l}\n")).collect();
+        let message = error_of(&text, &[]);
+        assert!(message.contains("missing field `seq_len`"), "{message}");
+    }
+
+    #[test]
+    fn malformed_value_is_rejected() {
+        let message = error_of(TINY, &["train.steps=many"]);
+        assert!(message.contains("invalid type"), "{message}");
+    }
+
+    #[test]
+    fn model_checks_run_before_allocation() {
+        for (set, field) in [
+            ("model.moe.top_k=99", "model.moe.top_k"),
+            ("model.n_heads=5", "model.d_model"),
+            ("model.dag.d_g=0", "model.dag.d_g"),
+            ("model.moe.aggregation=\"sum\"", "aggregation"),
+            ("model.moe.z_loss_coef=-1", "model.moe.z_loss_coef"),
+            ("train.device=\"tpu\"", "train.device"),
+        ] {
+            let message = error_of(TINY, &[set]);
+            assert!(message.contains(field), "{set}: {message}");
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! dagmoe: pretrain, fine-tune and evaluate Mixture-of-Experts language
+//! models, DAG-MoE first. The `dagmoe` binary parses arguments and calls the
+//! functions here; tests call them directly.
+
+pub mod checkpoint;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod eval;
+pub mod metrics;
+pub mod optim;
+pub mod params;
+pub mod train;
+
+pub use config::{RunConfig, load_config, parse_config};
+pub use error::{Error, Result};
+pub use train::{RunSummary, Start, train};
