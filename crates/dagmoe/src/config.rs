@@ -134,17 +134,18 @@ fn first_line(message: &str) -> &str {
 
 /// Turns a serde error into one line naming the section, key and fix.
 fn describe_error(error: &toml::de::Error, text: &str, origin: &str) -> Error {
-    let section = error
-        .span()
-        .map(|span| {
-            text[..span.start]
-                .lines()
-                .rev()
-                .find(|line| line.trim_start().starts_with('['))
-                .map(|line| format!(" in {}", line.trim()))
-                .unwrap_or_default()
-        })
-        .unwrap_or_default();
+    let mut location = String::new();
+    if let Some(span) = error.span() {
+        let before = &text[..span.start];
+        if let Some(header) = before.lines().rev().find(|line| line.trim_start().starts_with('[')) {
+            location.push_str(&format!(" in {}", header.trim()));
+        }
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let line = text[line_start..].lines().next().unwrap_or_default();
+        if let Some((key, _)) = line.split_once('=').filter(|_| !line.trim_start().starts_with('[')) {
+            location.push_str(&format!(" key `{}`", key.trim()));
+        }
+    }
     let message = first_line(error.message());
     let fix = if message.starts_with("unknown field") {
         "remove it or correct its spelling"
@@ -153,7 +154,7 @@ fn describe_error(error: &toml::de::Error, text: &str, origin: &str) -> Error {
     } else {
         "correct the value"
     };
-    Error::Config(format!("{origin}{section}: {message}; {fix}"))
+    Error::Config(format!("{origin}{location}: {message}; {fix}"))
 }
 
 fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {

@@ -1,0 +1,257 @@
+//! End-to-end tests on the committed real-text fixture: tokenizer training,
+//! shard preparation, pretraining, checkpoints read back, evaluation,
+//! fine-tuning, and rejection of bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use dagmoe::checkpoint::{Checkpoint, list_checkpoints};
+use dagmoe::commands::{self, EvalOptions};
+use dagmoe::{Error, RunConfig, Start, load_config, train};
+use dagmoe_data::PrepareOptions;
+
+const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(ROOT).join(relative)
+}
+
+/// A tokenizer and a prepared directory built from the fixture in a temporary directory.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let sources = repo_path("data/fixtures/kernel-docs-sample/sources");
+        commands::train_tokenizer(&sources, 512, &dir.path().join("tokenizer.json")).unwrap();
+        let options = PrepareOptions {
+            input: sources,
+            output: dir.path().join("prepared"),
+            valid_fraction: 0.1,
+            shard_tokens: 40_000,
+            batch_documents: 8,
+        };
+        commands::prepare(&dir.path().join("tokenizer.json"), &options).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Overrides that point a tiny config at this fixture and a fresh run directory.
+    fn overrides(&self, run: &str, extra: &[&str]) -> Vec<String> {
+        let mut overrides = vec![
+            format!("data.train={:?}", self.path("prepared")),
+            format!("data.tokenizer={:?}", self.path("tokenizer.json")),
+            format!("data.valid={{ fixture = {:?} }}", self.path("prepared")),
+            format!("train.out_dir={:?}", self.path(run)),
+        ];
+        overrides.extend(extra.iter().map(|s| s.to_string()));
+        overrides
+    }
+
+    fn config(&self, name: &str, run: &str, extra: &[&str]) -> RunConfig {
+        load_config(&repo_path(&format!("configs/{name}.toml")), &self.overrides(run, extra)).unwrap()
+    }
+}
+
+fn logged_losses(run_dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .filter_map(|record| record.get("lm_loss").and_then(|v| v.as_f64()))
+        .collect()
+}
+
+#[test]
+fn prepare_splits_documents_and_counts_tokens() {
+    let fixture = Fixture::new();
+    let manifest = dagmoe_data::Manifest::load(&fixture.path("prepared")).unwrap();
+    assert_eq!(manifest.train.documents + manifest.valid.documents, 28);
+    assert!(manifest.valid.documents > 0);
+    assert!(manifest.train.shards.len() >= 2, "40k-token shards split the training split");
+    assert_eq!(manifest.train.shards.iter().map(|s| s.tokens).sum::<u64>(), manifest.train.tokens);
+    assert_eq!(manifest.vocab_size, 512);
+}
+
+#[test]
+fn pretrain_both_aggregations_reduce_loss() {
+    let fixture = Fixture::new();
+    for name in ["tiny-moe", "tiny-dagmoe"] {
+        let config = fixture.config(name, name, &["train.steps=30", "train.log_every=1"]);
+        let summary = train(config, Start::Scratch).unwrap();
+        let losses = logged_losses(&summary.run_dir);
+        assert_eq!(losses.len(), 30, "{name}: one metrics line per step");
+        let first: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+        let last: f64 = losses[27..].iter().sum::<f64>() / 3.0;
+        assert!(last < first - 0.2, "{name}: loss went from {first} to {last}");
+        assert!(summary.eval[0].perplexity.is_finite());
+    }
+}
+
+#[test]
+fn checkpoint_reloads_to_the_same_perplexity() {
+    let fixture = Fixture::new();
+    let config = fixture.config("tiny-dagmoe", "run", &[]);
+    let summary = train(config, Start::Scratch).unwrap();
+
+    assert_eq!(list_checkpoints(&summary.run_dir).unwrap().len(), 2, "keep_last = 2 of the saves at 10 and 20");
+    for file in ["model.safetensors", "optimizer.safetensors", "trainer.json", "config.toml", "COMPLETE"] {
+        assert!(summary.checkpoint.join(file).exists(), "{file} missing");
+    }
+    let checkpoint = Checkpoint::open(&summary.checkpoint).unwrap();
+    assert_eq!(checkpoint.state.step, 20);
+    assert_eq!(checkpoint.state.tokens_seen, 20 * 4 * 32);
+
+    let report = commands::run_eval(&EvalOptions {
+        checkpoint: summary.checkpoint.clone(),
+        sets: Vec::new(),
+        eval_tokens: None,
+        device: None,
+    })
+    .unwrap();
+    let during = &summary.eval[0];
+    let after = &report.results[0];
+    assert_eq!(during.tokens, after.tokens);
+    assert!((during.nll - after.nll).abs() < 1e-3 * during.nll.abs(), "{} vs {}", during.nll, after.nll);
+    assert!(after.unigram_perplexity.is_some());
+}
+
+#[test]
+fn eval_on_flex_matches_libtorch() {
+    let fixture = Fixture::new();
+    let summary = train(fixture.config("tiny-moe", "run", &["train.steps=5"]), Start::Scratch).unwrap();
+    let eval = |device: &str| {
+        let options = EvalOptions {
+            checkpoint: summary.checkpoint.clone(),
+            sets: Vec::new(),
+            eval_tokens: Some(512),
+            device: Some(device.into()),
+        };
+        commands::run_eval(&options).unwrap().results[0].nll
+    };
+    let (libtorch, flex) = (eval("cpu"), eval("flex"));
+    assert!((libtorch - flex).abs() < 1e-3 * libtorch, "libtorch {libtorch} vs flex {flex}");
+}
+
+#[test]
+fn finetune_continues_from_checkpoint() {
+    let fixture = Fixture::new();
+    let summary = train(fixture.config("tiny-dagmoe", "base", &[]), Start::Scratch).unwrap();
+    let finetune_file = fixture.path("finetune.toml");
+    let base = std::fs::read_to_string(repo_path("configs/tiny-dagmoe.toml")).unwrap();
+    let without_model = base.split("[data]").nth(1).unwrap();
+    std::fs::write(&finetune_file, format!("[data]{without_model}")).unwrap();
+
+    let overrides = fixture.overrides("finetuned", &["train.steps=6"]);
+    let config = commands::finetune_config(&summary.checkpoint, &finetune_file, &overrides).unwrap();
+    let start_loss = {
+        let tuned = train(config, Start::Weights(summary.checkpoint.clone())).unwrap();
+        logged_losses(&tuned.run_dir)[0]
+    };
+    let scratch_loss = logged_losses(&summary.run_dir)[0];
+    assert!(start_loss < scratch_loss - 0.1, "fine-tuning starts from trained weights: {start_loss} vs {scratch_loss}");
+
+    // A [model] section that disagrees with the checkpoint is rejected with the key.
+    std::fs::write(&finetune_file, base.replace("d_g = 8", "d_g = 16")).unwrap();
+    let error = commands::finetune_config(&summary.checkpoint, &finetune_file, &overrides).unwrap_err();
+    assert!(error.to_string().contains("model.dag.d_g"), "{error}");
+}
+
+#[test]
+fn vocab_mismatch_with_manifest_is_rejected() {
+    let fixture = Fixture::new();
+    let other = fixture.path("tokenizer-600.json");
+    commands::train_tokenizer(&repo_path("data/fixtures/kernel-docs-sample/sources"), 600, &other).unwrap();
+    let mut overrides = fixture.overrides("run", &["model.vocab_size=600"]);
+    overrides.push(format!("data.tokenizer={other:?}"));
+    let config = load_config(&repo_path("configs/tiny-dagmoe.toml"), &overrides).unwrap();
+    let error = train(config, Start::Scratch).unwrap_err();
+    assert_eq!(error.exit_code(), 2);
+    assert!(error.to_string().contains("vocab size mismatch"), "{error}");
+    assert!(!fixture.path("run").join("metrics.jsonl").exists(), "nothing written for a rejected run");
+}
+
+#[test]
+fn existing_run_directory_is_not_overwritten() {
+    let fixture = Fixture::new();
+    train(fixture.config("tiny-moe", "run", &["train.steps=5"]), Start::Scratch).unwrap();
+    let metrics = std::fs::read(fixture.path("run/metrics.jsonl")).unwrap();
+    let error = train(fixture.config("tiny-moe", "run", &["train.steps=5"]), Start::Scratch).unwrap_err();
+    assert!(matches!(error, Error::Usage(_)), "{error}");
+    assert_eq!(std::fs::read(fixture.path("run/metrics.jsonl")).unwrap(), metrics);
+}
+
+#[test]
+fn prepare_rejects_missing_corpus_and_existing_output() {
+    let fixture = Fixture::new();
+    let mut options = PrepareOptions {
+        input: fixture.path("no-such-corpus"),
+        output: fixture.path("out"),
+        valid_fraction: 0.1,
+        shard_tokens: 1000,
+        batch_documents: 8,
+    };
+    let error = commands::prepare(&fixture.path("tokenizer.json"), &options).unwrap_err();
+    assert!(format!("{error}").contains("no-such-corpus"), "{error}");
+    options.input = repo_path("data/fixtures/kernel-docs-sample/sources");
+    options.output = fixture.path("prepared");
+    let before = std::fs::read(fixture.path("prepared/manifest.json")).unwrap();
+    let error = commands::prepare(&fixture.path("tokenizer.json"), &options).unwrap_err();
+    assert!(format!("{error}").contains("already exists"), "{error}");
+    assert_eq!(std::fs::read(fixture.path("prepared/manifest.json")).unwrap(), before);
+}
+
+#[test]
+fn corrupted_shard_is_rejected() {
+    let fixture = Fixture::new();
+    let shard = fixture.path("prepared/train-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&shard, bytes).unwrap();
+    let error = train(fixture.config("tiny-moe", "run", &[]), Start::Scratch).unwrap_err();
+    assert!(format!("{error}").contains("SHA-256"), "{error}");
+}
+
+/// Runs the `dagmoe` binary and returns (exit code, stderr).
+fn run_cli(args: &[&str]) -> (i32, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_dagmoe")).args(args).current_dir(ROOT).output().unwrap();
+    (output.status.code().unwrap(), String::from_utf8(output.stderr).unwrap())
+}
+
+#[test]
+fn cli_reports_bad_input_in_one_line() {
+    let cases: &[&[&str]] = &[
+        &["pretrain", "--config", "configs/tiny-dagmoe.toml", "--set", "model.moe.top_k=5"],
+        &["pretrain", "--config", "configs/tiny-dagmoe.toml", "--set", "train.nonsense=1"],
+        &["pretrain", "--config", "configs/no-such-file.toml"],
+        &["eval", "--checkpoint", "runs/no-such-checkpoint"],
+        &["params", "--config", "configs/tiny-dagmoe.toml", "--set", "model.moe.aggregation=\"mean\""],
+    ];
+    for args in cases {
+        let (code, stderr) = run_cli(args);
+        let lines: Vec<&str> = stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr}");
+        assert!(lines[0].starts_with("dagmoe: "), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        let expected = if args[0] == "pretrain" && args[2].contains("no-such-file") { 1 } else { 2 };
+        assert_eq!(code, expected, "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn cli_params_prints_counts() {
+    let output = Command::new(env!("CARGO_BIN_EXE_dagmoe"))
+        .args(["params", "--config", "configs/small-dagmoe.toml"])
+        .current_dir(ROOT)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    assert!(output.status.success());
+    assert!(stdout.contains("total"), "{stdout}");
+    assert!(stdout.contains("dag"), "{stdout}");
+}
