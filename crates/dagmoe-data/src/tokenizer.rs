@@ -79,7 +79,7 @@ impl TextTokenizer {
 
 /// Trains a byte-level BPE tokenizer on `documents` and writes it to `output`.
 ///
-/// The vocabulary holds the 256 byte symbols, [`EOS_TOKEN`] and the learned
+/// The vocabulary contains the 256 byte symbols, [`EOS_TOKEN`] and the learned
 /// merges, `vocab_size` entries in all.
 pub fn train_bpe_tokenizer(documents: &[String], vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
     let minimum = ByteLevel::alphabet().len() + 1;

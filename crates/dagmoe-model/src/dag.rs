@@ -12,9 +12,9 @@
 //! x_i'  = x_i + (sum_j m_ij) W_up               W_up starts at zero
 //! ```
 //!
-//! The concatenation splits, `[u_i; u_j] W = u_i W_a + u_j W_b`, so the K x K
-//! pair terms cost two `[g, g]` products per node and one `[k, k] x [k, g]`
-//! product; no `[t, k, k, 2g]` tensor is built.
+//! The concatenation splits: `[u_i; u_j] W = u_i W_a + u_j W_b`. The K x K
+//! pair terms therefore cost two `[g, g]` products per node and one
+//! `[k, k] x [k, g]` product per token, and no `[t, k, k, 2g]` tensor is built.
 
 use burn::module::{Module, Param};
 use burn::tensor::activation::sigmoid;

@@ -10,7 +10,7 @@ use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Device, Distribution, Tensor};
 
-/// A `[d_in, d_out]` weight drawn from `N(0, std^2)`.
+/// Draws a `[d_in, d_out]` weight from `N(0, std^2)`.
 pub(crate) fn normal_weight(d_in: usize, d_out: usize, std: f64, device: &Device) -> Param<Tensor<2>> {
     Param::from_tensor(Tensor::random([d_in, d_out], Distribution::Normal(0.0, std), device))
 }
@@ -23,8 +23,8 @@ pub(crate) fn project<const D: usize>(x: Tensor<D>, weight: &Param<Tensor<2>>) -
 /// `x W` computed as one 2-D matrix product.
 ///
 /// NOTE: burn 0.22.1 broadcasts the weight over the leading axes of a 3-D
-/// input, which made a `[4096 tokens, 256] x [256, 64]` product with its
-/// backward 15x slower on libtorch CPU (57 ms against 3.7 ms, measured with
+/// input. On libtorch CPU that made a `[4096 tokens, 256] x [256, 64]`
+/// product with its backward 15x slower (57 ms against 3.7 ms, measured with
 /// examples/profile_dag.rs), so inputs are flattened to 2-D first.
 pub(crate) fn project_with<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();

@@ -83,7 +83,7 @@ impl DagMoeModel {
         })
     }
 
-    /// Longest sequence the rotary tables cover.
+    /// Maximum sequence length the rotary tables cover.
     pub fn max_len(&self) -> usize {
         self.rotary.max_len()
     }

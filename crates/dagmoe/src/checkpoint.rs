@@ -255,7 +255,7 @@ pub fn load_weights(model: DagMoeModel, path: &Path, device: &Device) -> Result<
         ));
     }
     if loaded != tensors.names().len() {
-        return Err(Error::checkpoint(path, "holds tensors the model config does not define; check model settings"));
+        return Err(Error::checkpoint(path, "contains tensors the model config does not define; check the [model] settings"));
     }
     Ok(model)
 }

@@ -84,7 +84,7 @@ fn differing_keys(prefix: &str, given: &toml::Value, expected: &toml::Value) -> 
             })
             .collect(),
         (a, b) if a == b => Vec::new(),
-        // An integer written where the config holds a float compares by value.
+        // An integer written where the config stores a float compares by value.
         (a, b) if as_number(a).is_some() && as_number(a) == as_number(b) => Vec::new(),
         _ => vec![prefix.to_string()],
     }

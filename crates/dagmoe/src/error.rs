@@ -42,6 +42,17 @@ impl Error {
         Self::Checkpoint { path: path.into(), message: message.into() }
     }
 
+    /// Formats `error` with its chain of causes, for messages that wrap it in a string.
+    pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+        let mut message = error.to_string();
+        let mut source = error.source();
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        message
+    }
+
     /// Exit code documented in the README: 2 for usage and config errors, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {

@@ -84,7 +84,7 @@ enum DataCommand {
         /// Existing tokenizer.json to check and copy instead of training.
         #[arg(long, conflicts_with = "input")]
         from: Option<PathBuf>,
-        /// Where to write tokenizer.json.
+        /// Output path of the tokenizer.json file.
         #[arg(long)]
         output: PathBuf,
     },

@@ -35,7 +35,7 @@ pub struct RunSummary {
     pub eval: Vec<EvalResult>,
 }
 
-/// Where a run's weights come from.
+/// Source of a run's initial weights.
 pub enum Start {
     /// Fresh weights from `train.seed`.
     Scratch,
@@ -50,11 +50,12 @@ pub fn set_threads(threads: usize) {
     }
     #[cfg(feature = "tch")]
     tch::set_num_threads(threads as i32);
-    // flex and the tokenizer use rayon's global pool, sized on first use.
-    let _ = threads;
+    // flex uses rayon's global pool, which can be sized only before its first use;
+    // a second call in the same process keeps the first size.
+    let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
 }
 
-/// Trains as `config` says and returns the run summary.
+/// Trains as `config` specifies and returns the run summary.
 pub fn train(config: RunConfig, start: Start) -> Result<RunSummary> {
     let mut trainer = Trainer::new(config, start)?;
     trainer.run()
@@ -92,7 +93,7 @@ impl Trainer {
         device.seed(config.train.seed);
 
         let tokenizer = TextTokenizer::load(&config.data.tokenizer).map_err(|e| {
-            Error::Config(format!("data.tokenizer: {e}; run `dagmoe data tokenizer` or fix the path"))
+            Error::Config(format!("data.tokenizer: {}; run `dagmoe data tokenizer` or fix the path", Error::with_causes(&e)))
         })?;
         if tokenizer.vocab_size() != config.model.vocab_size {
             return Err(Error::Config(format!(
@@ -105,7 +106,7 @@ impl Trainer {
         }
         let identity = DataIdentity { vocab_size: config.model.vocab_size, tokenizer_sha256: tokenizer.sha256().to_string() };
         let manifest = Manifest::load(&config.data.train)
-            .map_err(|e| Error::Config(format!("data.train: {e}; run `dagmoe data prepare` or fix the path")))?;
+            .map_err(|e| Error::Config(format!("data.train: {}; run `dagmoe data prepare` or fix the path", Error::with_causes(&e))))?;
         check_manifest(&config.data.train, &manifest, &identity)?;
         let stream = TokenStream::open(&config.data.train, &manifest, Split::Train)?;
         let unigram = Unigram::fit(&stream, config.model.vocab_size);
@@ -120,7 +121,7 @@ impl Trainer {
         let out_dir = config.train.out_dir.clone();
         if !list_checkpoints(&out_dir)?.is_empty() || out_dir.join("metrics.jsonl").exists() {
             return Err(Error::Usage(format!(
-                "train.out_dir {} already holds a run; choose another with --set train.out_dir=DIR or delete it",
+                "train.out_dir {} already contains a run; choose another with --set train.out_dir=DIR or delete it",
                 out_dir.display()
             )));
         }
@@ -218,7 +219,7 @@ impl Trainer {
         Ok(summary)
     }
 
-    /// One optimizer step: learning rate, micro-batches, clipping, finite check, update.
+    /// Runs one optimizer step: learning rate, micro-batches, clipping, finite check, update.
     fn step(&mut self) -> Result<StepResult> {
         let train = &self.config.train;
         let lr = learning_rate(train, self.state.step);
