@@ -2,7 +2,8 @@
 # The main job, end to end on a fresh machine: set-up, real-text corpora,
 # tokenizer, shards, pretraining of small-dagmoe, then evaluation on the
 # kernel-docs validation split and the Python docs. Finished stages are
-# skipped on a rerun; delete runs/small-dagmoe to train again.
+# skipped on a rerun, an interrupted pretraining resumes from its last
+# checkpoint; delete runs/small-dagmoe to train again.
 #
 # Results: runs/small-dagmoe/run.json (run summary) and
 # <checkpoint>/eval.json (perplexity report).
@@ -41,8 +42,10 @@ done
 
 if [[ -f $run_dir/run.json ]]; then
     echo "== pretrain: $run_dir/run.json exists, reusing that run"
+elif [[ -d $run_dir/checkpoints ]]; then
+    stage "pretrain $(basename "$config" .toml) (resume)" "$dagmoe" pretrain --config "$config" --set "train.out_dir=$run_dir" --resume
 elif [[ -e $run_dir ]]; then
-    echo "quickstart: $run_dir exists but holds no finished run; delete it and rerun" >&2
+    echo "quickstart: $run_dir exists but contains no checkpoint to resume; delete it and rerun" >&2
     exit 1
 else
     stage "pretrain $(basename "$config" .toml)" "$dagmoe" pretrain --config "$config" --set "train.out_dir=$run_dir"

@@ -16,4 +16,4 @@ pub use error::{DataError, Result};
 pub use loader::{Batch, EvalBatches, LoaderCursor, TokenStream, TrainLoader};
 pub use manifest::{Manifest, ShardInfo, SplitInfo};
 pub use prepare::{PrepareOptions, PrepareSummary, prepare_corpus};
-pub use tokenizer::{EOS_TOKEN, TextTokenizer, train_bpe_tokenizer};
+pub use tokenizer::{EOS_TOKEN, TextTokenizer, sha256_hex, train_bpe_tokenizer};

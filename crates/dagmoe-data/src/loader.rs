@@ -29,7 +29,7 @@ impl TokenStream {
         let mut starts = Vec::new();
         let mut len = 0;
         for info in &manifest.split(split).shards {
-            let shard = Shard::open(&dir.join(&info.file), info.tokens, &info.sha256)?;
+            let shard = Shard::open(&dir.join(&info.file), info.tokens, &info.sha256, manifest.vocab_size)?;
             starts.push(len);
             len += shard.len();
             shards.push(shard);
@@ -226,7 +226,7 @@ mod tests {
             next += size as u32;
             let path = dir.join(format!("s{i}.bin"));
             let sha = write_shard(&path, &tokens, 4).unwrap();
-            shards.push(Shard::open(&path, size, &sha).unwrap());
+            shards.push(Shard::open(&path, size, &sha, u32::MAX as usize).unwrap());
         }
         TokenStream::from_shards(shards)
     }

@@ -7,6 +7,9 @@ use crate::shard::{token_bytes_for_vocab, write_shard};
 use crate::tokenizer::{TextTokenizer, sha256_hex};
 use crate::{DataError, Result};
 
+/// Smallest shard size `prepare_corpus` accepts, to keep the file count sane.
+pub const MIN_SHARD_TOKENS: usize = 1024;
+
 /// Settings of one `prepare` run.
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
@@ -100,6 +103,12 @@ pub fn prepare_corpus(tokenizer: &TextTokenizer, options: &PrepareOptions) -> Re
             options.valid_fraction
         )));
     }
+    if options.shard_tokens < MIN_SHARD_TOKENS {
+        return Err(DataError::Invalid(format!(
+            "shard size {} tokens is below the minimum {MIN_SHARD_TOKENS}; pass a larger --shard-tokens",
+            options.shard_tokens
+        )));
+    }
     if options.output.exists() {
         return Err(DataError::Invalid(format!(
             "output directory {} already exists; remove it or choose another --output",
@@ -107,6 +116,12 @@ pub fn prepare_corpus(tokenizer: &TextTokenizer, options: &PrepareOptions) -> Re
         )));
     }
     let (documents, skipped) = read_documents(&options.input)?;
+    if documents.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "{} contains no usable document ({skipped} files were empty or not UTF-8 text); pass a directory of text files",
+            options.input.display()
+        )));
+    }
     let staging = staging_dir(&options.output);
     if staging.exists() {
         std::fs::remove_dir_all(&staging).map_err(|e| DataError::io("remove stale directory", &staging, e))?;

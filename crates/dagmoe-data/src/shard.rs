@@ -45,8 +45,9 @@ pub struct Shard {
 }
 
 impl Shard {
-    /// Maps `path` and checks its header, token count and SHA-256 against the manifest.
-    pub fn open(path: &Path, expected_tokens: u64, expected_sha256: &str) -> Result<Self> {
+    /// Maps `path` and checks its header, token count and SHA-256 against the
+    /// manifest, and that every token id is below `vocab_size`.
+    pub fn open(path: &Path, expected_tokens: u64, expected_sha256: &str, vocab_size: usize) -> Result<Self> {
         let invalid = |message: String| DataError::Shard { path: path.to_path_buf(), message };
         let file = std::fs::File::open(path).map_err(|e| DataError::io("open shard", path, e))?;
         // SAFETY: shards are written once and renamed into place; nothing in
@@ -78,7 +79,28 @@ impl Shard {
                 "SHA-256 {actual} does not match the manifest's {expected_sha256}; the file changed after `dagmoe data prepare`, rerun it"
             )));
         }
-        Ok(Self { map, token_bytes, tokens, path: path.to_path_buf() })
+        let shard = Self { map, token_bytes, tokens, path: path.to_path_buf() };
+        if let Some((position, id)) = shard.first_id_at_least(vocab_size as u32) {
+            return Err(invalid(format!(
+                "token {position} has id {id}, outside the vocabulary of {vocab_size}; rerun `dagmoe data prepare` with the model's tokenizer"
+            )));
+        }
+        Ok(shard)
+    }
+
+    /// Position and value of the first token id `>= limit`, if any.
+    fn first_id_at_least(&self, limit: u32) -> Option<(u64, u32)> {
+        let mut buffer = vec![0u32; 1 << 16];
+        let mut start = 0;
+        while start < self.tokens {
+            let take = (self.tokens - start).min(buffer.len() as u64) as usize;
+            self.read(start, &mut buffer[..take]);
+            if let Some(offset) = buffer[..take].iter().position(|&id| id >= limit) {
+                return Some((start + offset as u64, buffer[offset]));
+            }
+            start += take as u64;
+        }
+        None
     }
 
     pub fn len(&self) -> u64 {

@@ -13,6 +13,10 @@ use crate::{DataError, Result};
 /// The end-of-document token that separates documents in the token stream.
 pub const EOS_TOKEN: &str = "<|endoftext|>";
 
+/// Largest vocabulary `train_bpe_tokenizer` accepts, 2^21 entries; larger
+/// requests are typing mistakes and would exhaust memory in the trainer.
+pub const MAX_VOCAB_SIZE: usize = 1 << 21;
+
 /// A loaded tokenizer with the identity recorded in manifests and checkpoints.
 pub struct TextTokenizer {
     inner: Tokenizer,
@@ -25,10 +29,13 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json` file that defines the [`EOS_TOKEN`] special token.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io("read tokenizer", path, e))?;
-        let inner = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
+        let mut inner = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: format!("{e}; pass a Hugging Face tokenizer.json or train one with `dagmoe data tokenizer`"),
         })?;
+        // A literal `<|endoftext|>` inside a document is text, not a document
+        // boundary: only prepare inserts EOS ids.
+        inner.set_encode_special_tokens(true);
         let eos_id = inner.token_to_id(EOS_TOKEN).ok_or_else(|| DataError::Tokenizer {
             path: path.to_path_buf(),
             message: format!(
@@ -83,6 +90,11 @@ impl TextTokenizer {
 /// merges, `vocab_size` entries in all.
 pub fn train_bpe_tokenizer(documents: &[String], vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
     let minimum = ByteLevel::alphabet().len() + 1;
+    if vocab_size > MAX_VOCAB_SIZE {
+        return Err(DataError::Invalid(format!(
+            "vocab size {vocab_size} is larger than the supported {MAX_VOCAB_SIZE}; pass a smaller --vocab-size"
+        )));
+    }
     if vocab_size <= minimum {
         return Err(DataError::Invalid(format!(
             "vocab size {vocab_size} is too small: a byte-level BPE needs more than {minimum} entries (256 bytes and `{EOS_TOKEN}`); pass a larger --vocab-size"
@@ -122,7 +134,8 @@ pub fn train_bpe_tokenizer(documents: &[String], vocab_size: usize, output: &Pat
     TextTokenizer::load(output)
 }
 
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+/// Lowercase hexadecimal SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -63,9 +63,12 @@ impl DagLevel {
         norm_params + d * g + 2 * g + 1 + 2 * g * g + g * d
     }
 
+    /// Returns the updated node states and the edge weights `e[t, i, j]`.
+    ///
     /// # Shapes
     /// - x: `[t, k, d]` node states of the previous level, output: same
-    pub fn forward(&self, x_tkd: Tensor<3>) -> Tensor<3> {
+    /// - edges: `[t, k, k]`
+    pub fn forward(&self, x_tkd: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         let normed_tkd = match (&self.layer_norm, &self.rms_norm) {
             (Some(norm), _) => norm.forward(x_tkd.clone()),
             (None, Some(norm)) => norm.forward(x_tkd.clone()),
@@ -86,9 +89,9 @@ impl DagLevel {
         let w_node = self.w_node.val();
         let receiver_tkg = project_with(u_tkg.clone(), w_node.clone().narrow(0, 0, g));
         let sender_tkg = project_with(u_tkg, w_node.narrow(0, g, g));
-        let message_tkg = receiver_tkg * edge_tkk.clone().sum_dim(2) + edge_tkk.matmul(sender_tkg);
+        let message_tkg = receiver_tkg * edge_tkk.clone().sum_dim(2) + edge_tkk.clone().matmul(sender_tkg);
 
-        x_tkd + project(message_tkg, &self.w_up)
+        (x_tkd + project(message_tkg, &self.w_up), edge_tkk)
     }
 }
 
@@ -103,16 +106,21 @@ impl DagAggregation {
         Self { levels: (0..config.depth).map(|_| DagLevel::new(d, config, eps, std, device)).collect() }
     }
 
-    /// Runs the levels and sums the final node states.
+    /// Runs the levels and sums the final node states. Also returns each
+    /// level's edge weights averaged over tokens, detached, for metrics.
     ///
     /// # Shapes
     /// - x: `[t, k, d]` level-0 node states, output: `[t, d]`
-    pub fn forward(&self, x_tkd: Tensor<3>) -> Tensor<2> {
+    /// - mean edges: one `[k, k]` per level
+    pub fn forward(&self, x_tkd: Tensor<3>) -> (Tensor<2>, Vec<Tensor<2>>) {
+        let [t, k, d] = x_tkd.dims();
         let mut x_tkd = x_tkd;
+        let mut mean_edges = Vec::with_capacity(self.levels.len());
         for level in &self.levels {
-            x_tkd = level.forward(x_tkd);
+            let (next_tkd, edge_tkk) = level.forward(x_tkd);
+            mean_edges.push(edge_tkk.detach().mean_dim(0).reshape([k, k]));
+            x_tkd = next_tkd;
         }
-        let [t, _, d] = x_tkd.dims();
-        x_tkd.sum_dim(1).reshape([t, d])
+        (x_tkd.sum_dim(1).reshape([t, d]), mean_edges)
     }
 }

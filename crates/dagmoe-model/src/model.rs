@@ -30,6 +30,9 @@ pub struct Block {
 pub struct RoutingStats {
     /// For each MoE layer, assignments per expert.
     pub tokens_per_expert: Vec<Vec<usize>>,
+    /// For each MoE layer, the DAG edge weights averaged over tokens: one
+    /// detached `[k, k]` tensor per level, none for a weighted sum.
+    pub mean_edges: Vec<Vec<Tensor<2>>>,
 }
 
 /// Output of a forward pass.
@@ -114,6 +117,7 @@ impl DagMoeModel {
                     load_balance = load_balance + output.losses.load_balance;
                     z_loss = z_loss + output.losses.z_loss;
                     routing.tokens_per_expert.push(output.tokens_per_expert);
+                    routing.mean_edges.push(output.mean_edges);
                     output.y_td.reshape([b, t, d])
                 }
                 (None, None) => unreachable!("every block has a dense FFN or an MoE layer"),

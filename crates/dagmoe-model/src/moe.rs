@@ -31,6 +31,9 @@ pub struct MoeOutput {
     pub losses: RouterLosses,
     /// Assignments per expert in this batch (host values, for metrics).
     pub tokens_per_expert: Vec<usize>,
+    /// DAG edge weights averaged over tokens, one detached `[k, k]` per level
+    /// (row i, column j: the edge j -> i); empty for a weighted sum.
+    pub mean_edges: Vec<Tensor<2>>,
 }
 
 /// How node outputs are computed, for testing the sparse path against the naive one.
@@ -99,7 +102,7 @@ impl MoeLayer {
         };
         let weighted_tkd = nodes_tkd.mul(gates_tk.unsqueeze_dim(2));
 
-        let mut y_td = match &self.dag {
+        let (mut y_td, mean_edges) = match &self.dag {
             Some(dag) => {
                 let nodes_tkd = if self.inject_input {
                     let scale = if self.scale_injection { 1.0 / k as f64 } else { 1.0 };
@@ -109,14 +112,14 @@ impl MoeLayer {
                 };
                 dag.forward(nodes_tkd)
             }
-            None => weighted_tkd.sum_dim(1).reshape([t, d]),
+            None => (weighted_tkd.sum_dim(1).reshape([t, d]), Vec::new()),
         };
         if let Some(shared) = &self.shared_expert {
             y_td = y_td + shared.forward(x_td);
         }
 
         let losses = router_losses(logits_te, probs_te, &tokens_per_expert, t * k);
-        MoeOutput { y_td, losses, tokens_per_expert }
+        MoeOutput { y_td, losses, tokens_per_expert, mean_edges }
     }
 
     /// Groups the `t * k` assignments by expert, runs each expert once on its

@@ -42,6 +42,12 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     pub loader: LoaderCursor,
     pub tokenizer_sha256: String,
+    /// Steps skipped so far because their loss or gradient norm was not finite.
+    #[serde(default)]
+    pub skipped_steps: u64,
+    /// SHA-256 of the checkpoint's `model.safetensors`, checked when it is loaded.
+    #[serde(default)]
+    pub model_sha256: Option<String>,
 }
 
 /// Returns the checkpoint directory name for `step`.
@@ -49,14 +55,43 @@ pub fn checkpoint_name(step: u64) -> String {
     format!("step-{step:08}")
 }
 
+/// Destination of checkpoint files. Tests give it a byte limit to exercise a full disk.
+#[derive(Debug, Default)]
+pub struct CheckpointWriter {
+    byte_limit: Option<u64>,
+    written: std::cell::Cell<u64>,
+}
+
+impl CheckpointWriter {
+    /// A writer that fails with "no space left on device" once `limit` bytes are written.
+    pub fn with_byte_limit(limit: u64) -> Self {
+        Self { byte_limit: Some(limit), written: std::cell::Cell::new(0) }
+    }
+
+    fn write_file(&self, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+        let total = self.written.get() + bytes.len() as u64;
+        if self.byte_limit.is_some_and(|limit| total > limit) {
+            return Err(std::io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        let mut file = std::fs::File::create(path)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        self.written.set(total);
+        Ok(())
+    }
+}
+
 /// Writes a checkpoint of `model`, `optimizer` and `state` under `<out_dir>/checkpoints/`
-/// and deletes the oldest complete checkpoints beyond `keep_last`.
+/// and deletes old checkpoints beyond `keep_last`, except milestones.
+///
+/// A failed write removes the partial directory and leaves earlier checkpoints untouched.
 pub fn save_checkpoint(
     out_dir: &Path,
     model: &DagMoeModel,
     optimizer: &AdamW,
     state: &TrainerState,
     config: &RunConfig,
+    writer: &CheckpointWriter,
 ) -> Result<PathBuf> {
     let root = out_dir.join("checkpoints");
     std::fs::create_dir_all(&root).map_err(|e| Error::io("create directory", &root, e))?;
@@ -68,10 +103,34 @@ pub fn save_checkpoint(
     }
     std::fs::create_dir(&staging).map_err(|e| Error::io("create directory", &staging, e))?;
 
+    let files = checkpoint_files(model, optimizer, state, config)?;
+    let needed: u64 = files.iter().map(|(_, bytes)| bytes.len() as u64).sum();
+    for (file, bytes) in &files {
+        if let Err(error) = writer.write_file(&staging.join(file), bytes) {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(write_failure(&final_dir, &root, needed, error));
+        }
+    }
+
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io("replace checkpoint", &final_dir, e))?;
+    }
+    std::fs::rename(&staging, &final_dir).map_err(|e| Error::io("rename checkpoint to", &final_dir, e))?;
+    sync_dir(&root);
+    prune_checkpoints(out_dir, config.train.keep_last, config.train.keep_every)?;
+    Ok(final_dir)
+}
+
+/// Serializes every file of a checkpoint, the completion marker last.
+fn checkpoint_files(
+    model: &DagMoeModel,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    config: &RunConfig,
+) -> Result<Vec<(&'static str, Vec<u8>)>> {
     let mut collector = ParamCollector::default();
     model.visit(&mut collector);
     let weights = collector.params.into_iter().map(|p| (p.name, p.shape, p.value));
-    write_file(&staging.join(MODEL_FILE), &safetensors_bytes(weights)?)?;
 
     let moments = optimizer.moments.iter().flat_map(|(name, m)| {
         let len = m.first.dims()[0];
@@ -82,26 +141,41 @@ pub fn save_checkpoint(
     });
     let mut optimizer_metadata = HashMap::new();
     optimizer_metadata.insert("step".to_string(), optimizer.step.to_string());
-    write_file(&staging.join(OPTIMIZER_FILE), &safetensors_bytes_with(moments, Some(optimizer_metadata))?)?;
 
-    let trainer_json = serde_json::to_string_pretty(state).expect("trainer state serializes");
-    write_file(&staging.join(TRAINER_FILE), trainer_json.as_bytes())?;
-    write_file(&staging.join(CONFIG_FILE), config.to_toml().as_bytes())?;
-    write_file(&staging.join(COMPLETE_MARKER), b"")?;
-
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).map_err(|e| Error::io("replace checkpoint", &final_dir, e))?;
-    }
-    std::fs::rename(&staging, &final_dir).map_err(|e| Error::io("rename checkpoint to", &final_dir, e))?;
-    sync_dir(&root);
-    prune_checkpoints(&root, config.train.keep_last)?;
-    Ok(final_dir)
+    let model_bytes = safetensors_bytes(weights)?;
+    let state = TrainerState { model_sha256: Some(dagmoe_data::sha256_hex(&model_bytes)), ..state.clone() };
+    let trainer_json = serde_json::to_string_pretty(&state).expect("trainer state serializes");
+    Ok(vec![
+        (MODEL_FILE, model_bytes),
+        (OPTIMIZER_FILE, safetensors_bytes_with(moments, Some(optimizer_metadata))?),
+        (TRAINER_FILE, trainer_json.into_bytes()),
+        (CONFIG_FILE, config.to_toml().into_bytes()),
+        (COMPLETE_MARKER, Vec::new()),
+    ])
 }
 
-fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut file = std::fs::File::create(path).map_err(|e| Error::io("create", path, e))?;
-    file.write_all(bytes).map_err(|e| Error::io("write", path, e))?;
-    file.sync_all().map_err(|e| Error::io("sync", path, e))
+/// Describes a failed checkpoint write with the space it needed and the space free.
+fn write_failure(target: &Path, root: &Path, needed: u64, error: std::io::Error) -> Error {
+    let megabytes = |bytes: u64| bytes as f64 / 1e6;
+    let free = free_space(root).map(|b| format!("{:.1} MB", megabytes(b))).unwrap_or_else(|| "an unknown amount".into());
+    Error::checkpoint(
+        target,
+        format!(
+            "write failed ({error}); the checkpoint needs {:.1} MB and {} is free on that filesystem. Free disk space or lower train.keep_last; earlier checkpoints are intact",
+            megabytes(needed),
+            free
+        ),
+    )
+}
+
+/// Bytes available to this user on the filesystem of `path`.
+fn free_space(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c_path` is a valid NUL-terminated string and `stats` is a valid out-pointer.
+    let status = unsafe { libc::statvfs(c_path.as_ptr(), &mut stats) };
+    (status == 0).then(|| stats.f_bavail as u64 * stats.f_frsize as u64)
 }
 
 fn sync_dir(dir: &Path) {
@@ -134,7 +208,8 @@ fn safetensors_bytes_with(
     safetensors::serialize(views, metadata).map_err(|e| Error::Usage(format!("failed to serialize tensors: {e}")))
 }
 
-/// Names of complete checkpoints under `<out_dir>/checkpoints`, oldest first.
+/// Complete checkpoints under `<out_dir>/checkpoints` (those with a
+/// `COMPLETE` marker), oldest first.
 pub fn list_checkpoints(out_dir: &Path) -> Result<Vec<PathBuf>> {
     let root = out_dir.join("checkpoints");
     if !root.exists() {
@@ -152,12 +227,27 @@ pub fn list_checkpoints(out_dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(found)
 }
 
-fn prune_checkpoints(root: &Path, keep_last: usize) -> Result<()> {
-    let all = list_checkpoints(root.parent().unwrap_or(root))?;
+/// Deletes complete checkpoints older than the newest `keep_last`, except
+/// milestones (steps that are multiples of `keep_every`), and stale partial saves.
+fn prune_checkpoints(out_dir: &Path, keep_last: usize, keep_every: u64) -> Result<()> {
+    let all = list_checkpoints(out_dir)?;
     for old in all.iter().take(all.len().saturating_sub(keep_last)) {
-        std::fs::remove_dir_all(old).map_err(|e| Error::io("delete old checkpoint", old, e))?;
+        let is_milestone = keep_every > 0 && checkpoint_step(old).is_some_and(|step| step % keep_every == 0);
+        if !is_milestone {
+            std::fs::remove_dir_all(old).map_err(|e| Error::io("delete old checkpoint", old, e))?;
+        }
     }
     Ok(())
+}
+
+/// Step of a checkpoint directory named by [`checkpoint_name`].
+pub fn checkpoint_step(dir: &Path) -> Option<u64> {
+    dir.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
+}
+
+/// The newest complete checkpoint of a run, the only kind a resume trusts.
+pub fn latest_checkpoint(out_dir: &Path) -> Result<Option<PathBuf>> {
+    Ok(list_checkpoints(out_dir)?.pop())
 }
 
 /// A checkpoint read back from disk.
@@ -192,7 +282,18 @@ impl Checkpoint {
     pub fn load_model(&self, device: &Device) -> Result<DagMoeModel> {
         let model = DagMoeModel::new(&self.config.model, self.config.data.seq_len, device)
             .map_err(|e| Error::Config(e.to_string()))?;
-        load_weights(model, &self.dir.join(MODEL_FILE), device)
+        let path = self.dir.join(MODEL_FILE);
+        if let Some(expected) = &self.state.model_sha256 {
+            let bytes = std::fs::read(&path).map_err(|e| Error::io("read", &path, e))?;
+            let actual = dagmoe_data::sha256_hex(&bytes);
+            if &actual != expected {
+                return Err(Error::checkpoint(
+                    &path,
+                    format!("SHA-256 {actual} does not match {expected} recorded in trainer.json; the file is corrupt, use an earlier checkpoint"),
+                ));
+            }
+        }
+        load_weights(model, &path, device)
     }
 
     /// Loads the optimizer moments saved with this checkpoint.

@@ -22,9 +22,23 @@ pub fn train_tokenizer(input: &Path, vocab_size: usize, output: &Path) -> Result
             output.display()
         )));
     }
-    let (documents, _) = dagmoe_data::prepare::read_documents(input)?;
+    let (documents, skipped) = dagmoe_data::prepare::read_documents(input)?;
+    if documents.is_empty() {
+        return Err(Error::Usage(format!(
+            "{} contains no usable document ({skipped} files were empty or not UTF-8 text); pass a directory of text files",
+            input.display()
+        )));
+    }
     let texts: Vec<String> = documents.into_iter().map(|(_, text)| text).collect();
-    Ok(dagmoe_data::train_bpe_tokenizer(&texts, vocab_size, output)?)
+    let tokenizer = dagmoe_data::train_bpe_tokenizer(&texts, vocab_size, output)?;
+    if tokenizer.vocab_size() < vocab_size {
+        tracing::warn!(
+            requested = vocab_size,
+            reached = tokenizer.vocab_size(),
+            "the corpus supports fewer merges than requested; set model.vocab_size to the reached size"
+        );
+    }
+    Ok(tokenizer)
 }
 
 /// Copies an existing `tokenizer.json` to `output` after checking that it loads.
@@ -70,7 +84,16 @@ pub fn finetune_config(from: &Path, file: &Path, overrides: &[String]) -> Result
         }
     }
     let resolved = toml::to_string(&table).expect("a TOML table serializes");
-    parse_config(&resolved, &file.display().to_string(), overrides)
+    let config = parse_config(&resolved, &file.display().to_string(), overrides)?;
+    let differing = crate::resume::model_differences(&checkpoint.config, &config);
+    if !differing.is_empty() {
+        return Err(Error::Config(format!(
+            "--set changes {} of the checkpoint {}, whose weights fix the model; remove those overrides",
+            differing.join(", "),
+            from.display()
+        )));
+    }
+    Ok(config)
 }
 
 /// Dotted keys whose values differ between two TOML values; keys only in `given` count too.
@@ -156,6 +179,26 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
         results.push(result);
     }
     Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, results })
+}
+
+/// Rejects an eval report path that holds a file other than an earlier eval
+/// report, so a mistyped `--output` cannot replace a user's file.
+pub fn check_report_path(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let is_report = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+        .is_some_and(|json| json.get("checkpoint").is_some() && json.get("results").is_some());
+    if is_report {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "--output {} exists and is not a dagmoe eval report; choose another path",
+            path.display()
+        )))
+    }
 }
 
 /// Formats the parameter counts of a model config as a table.

@@ -49,10 +49,16 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// Peak learning rate.
     pub lr: f64,
-    /// Final learning rate of the cosine decay, as a fraction of `lr`.
+    /// Learning-rate schedule after the linear warmup.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Final learning rate of the decay, as a fraction of `lr` ("cosine" and "wsd").
     #[serde(default = "default_min_lr_ratio")]
     pub min_lr_ratio: f64,
     pub warmup_steps: u64,
+    /// Steps of the final linear decay of the "wsd" schedule.
+    #[serde(default)]
+    pub decay_steps: u64,
     /// AdamW decoupled weight decay, applied to matrices only (not norms or biases).
     pub weight_decay: f64,
     #[serde(default = "default_beta1")]
@@ -72,6 +78,16 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Checkpoints kept in the run directory; older ones are deleted.
     pub keep_last: usize,
+    /// Checkpoints at multiples of this step are kept as milestones, never deleted; 0 keeps none.
+    #[serde(default)]
+    pub keep_every: u64,
+    /// Steps whose loss or gradient norm is not finite that may be skipped
+    /// (no update, counted and logged) before training stops; 0 stops at the first.
+    #[serde(default)]
+    pub max_skipped_steps: u64,
+    /// Peak FLOP/s of the device, for the MFU estimate in metrics; 0 leaves MFU out.
+    #[serde(default)]
+    pub peak_flops: f64,
     /// Run directory for checkpoints, metrics and reports.
     pub out_dir: PathBuf,
     /// "cpu" (libtorch), "cuda:N" or "flex".
@@ -83,6 +99,20 @@ pub struct TrainConfig {
     /// Sequences per evaluation batch.
     #[serde(default = "default_eval_batch_size")]
     pub eval_batch_size: usize,
+}
+
+/// Learning rate after the warmup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// Cosine decay from `lr` to `lr * min_lr_ratio` at the last step.
+    #[default]
+    Cosine,
+    /// `lr` until the last step.
+    Constant,
+    /// Warmup-stable-decay: `lr`, then a linear decay to `lr * min_lr_ratio`
+    /// over the last `decay_steps` steps.
+    Wsd,
 }
 
 fn one() -> usize {
@@ -110,7 +140,8 @@ fn default_eval_batch_size() -> usize {
 /// Reads `path`, applies `overrides` (`section.key=value`, the value in TOML
 /// syntax or a bare string) and validates the result.
 pub fn load_config(path: &Path, overrides: &[String]) -> Result<RunConfig> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io("read config", path, e))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("failed to read config {}: {e}; pass an existing TOML file with --config", path.display())))?;
     parse_config(&text, &path.display().to_string(), overrides)
 }
 
@@ -122,8 +153,10 @@ pub fn parse_config(text: &str, origin: &str, overrides: &[String]) -> Result<Ru
     for assignment in overrides {
         apply_override(&mut table, assignment)?;
     }
+    let origin = if overrides.is_empty() { origin.to_string() } else { format!("{origin} with --set overrides") };
     let resolved = toml::to_string(&table).expect("a parsed TOML table serializes");
-    let config: RunConfig = toml::from_str(&resolved).map_err(|e| describe_error(&e, &resolved, origin))?;
+    let deserializer = toml::de::Deserializer::parse(&resolved).expect("a serialized TOML table parses");
+    let config: RunConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| describe_error(&e, &origin))?;
     validate(&config).map_err(|message| Error::Config(format!("{origin}: {message}")))?;
     Ok(config)
 }
@@ -132,21 +165,11 @@ fn first_line(message: &str) -> &str {
     message.lines().next().unwrap_or(message).trim()
 }
 
-/// Turns a serde error into one line naming the section, key and fix.
-fn describe_error(error: &toml::de::Error, text: &str, origin: &str) -> Error {
-    let mut location = String::new();
-    if let Some(span) = error.span() {
-        let before = &text[..span.start];
-        if let Some(header) = before.lines().rev().find(|line| line.trim_start().starts_with('[')) {
-            location.push_str(&format!(" in {}", header.trim()));
-        }
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let line = text[line_start..].lines().next().unwrap_or_default();
-        if let Some((key, _)) = line.split_once('=').filter(|_| !line.trim_start().starts_with('[')) {
-            location.push_str(&format!(" key `{}`", key.trim()));
-        }
-    }
-    let message = first_line(error.message());
+/// Turns a deserialization error into one line naming the key path and the fix.
+fn describe_error(error: &serde_path_to_error::Error<toml::de::Error>, origin: &str) -> Error {
+    let message = first_line(error.inner().message());
+    let path = error.path().to_string();
+    let location = if path == "." { String::new() } else { format!(" at {path}") };
     let fix = if message.starts_with("unknown field") {
         "remove it or correct its spelling"
     } else if message.starts_with("missing field") {
@@ -211,7 +234,7 @@ pub fn validate(config: &RunConfig) -> std::result::Result<(), String> {
         ("train.lr", train.lr),
         ("train.weight_decay", train.weight_decay),
         ("train.grad_clip", train.grad_clip),
-        ("train.adam_eps", train.adam_eps),
+        ("train.peak_flops", train.peak_flops),
     ];
     for (field, value) in nonnegative {
         if !(value.is_finite() && value >= 0.0) {
@@ -223,10 +246,28 @@ pub fn validate(config: &RunConfig) -> std::result::Result<(), String> {
             return Err(format!("invalid {field} = {value}: use a value in [0, 1)"));
         }
     }
+    if !(train.adam_eps.is_finite() && train.adam_eps > 0.0) {
+        return Err(format!("invalid train.adam_eps = {}: use a small positive value such as 1e-8", train.adam_eps));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if train.threads > 4 * cores {
+        return Err(format!(
+            "invalid train.threads = {}: this machine has {cores} cores; use at most {} or 0 for all cores",
+            train.threads,
+            4 * cores
+        ));
+    }
     if train.warmup_steps > train.steps {
         return Err(format!(
             "invalid train.warmup_steps = {}: must be at most train.steps = {}",
             train.warmup_steps, train.steps
+        ));
+    }
+    if train.schedule == Schedule::Wsd && (train.decay_steps == 0 || train.warmup_steps + train.decay_steps > train.steps) {
+        return Err(format!(
+            "invalid train.decay_steps = {}: the \"wsd\" schedule needs 0 < decay_steps <= steps - warmup_steps = {}",
+            train.decay_steps,
+            train.steps - train.warmup_steps
         ));
     }
     dagmoe_model::parse_device(&train.device).map_err(|e| format!("invalid train.device: {e}"))?;
@@ -267,7 +308,7 @@ mod tests {
     fn unknown_key_is_rejected_with_section() {
         let message = error_of(TINY, &["train.learning_rate=1"]);
         assert!(message.contains("unknown field `learning_rate`"), "{message}");
-        assert!(message.contains("[train]"), "{message}");
+        assert!(message.contains("at train.learning_rate"), "{message}");
     }
 
     #[test]

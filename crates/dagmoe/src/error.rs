@@ -29,6 +29,10 @@ pub enum Error {
     /// Training stopped because a value was not finite.
     #[error("{0}")]
     Diverged(String),
+
+    /// SIGINT or SIGTERM stopped training after a step and a checkpoint.
+    #[error("interrupted after step {step}; checkpoint saved to {}. Continue with the same command plus --resume", checkpoint.display())]
+    Interrupted { step: u64, checkpoint: PathBuf },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -53,10 +57,12 @@ impl Error {
         message
     }
 
-    /// Exit code documented in the README: 2 for usage and config errors, 1 otherwise.
+    /// Exit code documented in the README: 2 for usage and config errors,
+    /// 130 after an interruption with a saved checkpoint, 1 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Usage(_) => 2,
+            Error::Config(_) | Error::Usage(_) | Error::Data(dagmoe_data::DataError::Invalid(_)) => 2,
+            Error::Interrupted { .. } => 130,
             _ => 1,
         }
     }

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod metrics;
 pub mod optim;
 pub mod params;
+pub mod resume;
 pub mod train;
 
 pub use config::{RunConfig, load_config, parse_config};

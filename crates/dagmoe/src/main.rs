@@ -1,6 +1,7 @@
 //! The `dagmoe` command line: parses arguments and dispatches to the library.
 //!
-//! Exit codes: 0 success, 2 usage or config error, 1 any other failure.
+//! Exit codes: 0 success, 2 usage or config error, 130 interrupted by
+//! SIGINT or SIGTERM after saving a checkpoint, 1 any other failure.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use dagmoe::commands::{self, EvalOptions};
 use dagmoe::eval::format_table;
+use dagmoe::train::install_interrupt_handler;
 use dagmoe::{Error, Result, Start};
 use dagmoe_data::PrepareOptions;
 
@@ -29,6 +31,12 @@ enum Command {
         /// Override a config value, for example --set train.lr=1e-3 (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
+        /// Continue from the newest complete checkpoint in train.out_dir.
+        #[arg(long)]
+        resume: bool,
+        /// With --resume, accept a config that differs from the checkpoint's in keys that change the result.
+        #[arg(long, requires = "resume")]
+        allow_config_change: bool,
     },
     /// Continue training a checkpoint's weights on another corpus.
     Finetune {
@@ -40,6 +48,12 @@ enum Command {
         config: PathBuf,
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
+        /// Continue from the newest complete checkpoint in train.out_dir.
+        #[arg(long)]
+        resume: bool,
+        /// With --resume, accept a config that differs from the checkpoint's in keys that change the result.
+        #[arg(long, requires = "resume")]
+        allow_config_change: bool,
     },
     /// Report token-weighted perplexity of a checkpoint on held-out sets.
     Eval {
@@ -118,7 +132,21 @@ fn main() -> ExitCode {
         )
         .init();
 
-    match run(Cli::parse()) {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => {
+            // --help and --version print to stdout and succeed.
+            let _ = error.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(error) => {
+            let rendered = error.to_string();
+            let first = rendered.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            eprintln!("dagmoe: {first}; run `dagmoe --help` for usage");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             let mut message = format!("dagmoe: {error}");
@@ -135,17 +163,27 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Pretrain { config, overrides } => {
+        Command::Pretrain { config, overrides, resume, allow_config_change } => {
             let config = dagmoe::load_config(&config, &overrides)?;
-            print_summary(&dagmoe::train(config, Start::Scratch)?);
+            let start = if resume { Start::Resume { allow_config_change } } else { Start::Scratch };
+            install_interrupt_handler()?;
+            print_summary(&dagmoe::train(config, start)?);
         }
-        Command::Finetune { from, config, overrides } => {
+        Command::Finetune { from, config, overrides, resume, allow_config_change } => {
             let config = commands::finetune_config(&from, &config, &overrides)?;
-            print_summary(&dagmoe::train(config, Start::Weights(from))?);
+            let start = if resume { Start::Resume { allow_config_change } } else { Start::Weights(from) };
+            install_interrupt_handler()?;
+            print_summary(&dagmoe::train(config, start)?);
         }
         Command::Eval { checkpoint, sets, eval_tokens, device, output } => {
             let sets = sets.iter().map(|s| parse_named_path(s)).collect::<Result<Vec<_>>>()?;
+            for (i, (name, _)) in sets.iter().enumerate() {
+                if sets[..i].iter().any(|(other, _)| other == name) {
+                    return Err(Error::Usage(format!("--data name {name:?} is given twice; give each set its own name")));
+                }
+            }
             let output = output.unwrap_or_else(|| checkpoint.join("eval.json"));
+            commands::check_report_path(&output)?;
             let report = commands::run_eval(&EvalOptions { checkpoint, sets, eval_tokens, device })?;
             print!("{}", format_table(&report.results));
             let json = serde_json::to_string_pretty(&report).expect("the eval report serializes");

@@ -8,19 +8,32 @@ use std::collections::HashMap;
 
 use burn::tensor::Tensor;
 
-use crate::config::TrainConfig;
+use crate::config::{Schedule, TrainConfig};
 
-/// Learning rate at `step` (0-based): linear warmup from `lr / warmup` to
-/// `lr`, then cosine decay to `lr * min_lr_ratio` at the last step.
+/// Learning rate at `step` (0-based), a pure function of the step: linear
+/// warmup from `lr / warmup_steps` to `lr`, then the configured schedule.
 pub fn learning_rate(config: &TrainConfig, step: u64) -> f64 {
     if step < config.warmup_steps {
         return config.lr * (step + 1) as f64 / config.warmup_steps as f64;
     }
-    let decay_steps = config.steps.saturating_sub(config.warmup_steps).max(1);
-    let progress = ((step - config.warmup_steps) as f64 / decay_steps as f64).min(1.0);
-    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
     let min_lr = config.lr * config.min_lr_ratio;
-    min_lr + (config.lr - min_lr) * cosine
+    match config.schedule {
+        Schedule::Constant => config.lr,
+        Schedule::Cosine => {
+            let decay_steps = config.steps.saturating_sub(config.warmup_steps).max(1);
+            let progress = ((step - config.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+            let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+            min_lr + (config.lr - min_lr) * cosine
+        }
+        Schedule::Wsd => {
+            let decay_start = config.steps.saturating_sub(config.decay_steps);
+            if step < decay_start {
+                return config.lr;
+            }
+            let progress = ((step - decay_start) as f64 / config.decay_steps.max(1) as f64).min(1.0);
+            config.lr + (min_lr - config.lr) * progress
+        }
+    }
 }
 
 /// First and second moments of one parameter.
@@ -121,6 +134,29 @@ mod tests {
         assert!((learning_rate(&config, 100) - 1e-4).abs() < 1e-12);
         let mid = learning_rate(&config, 55);
         assert!((mid - 5.5e-4).abs() < 1e-9, "{mid}");
+    }
+
+    #[test]
+    fn constant_and_wsd_schedules() {
+        let mut config = train_config();
+        config.schedule = Schedule::Constant;
+        assert_eq!(learning_rate(&config, 99), 1e-3);
+        config.schedule = Schedule::Wsd;
+        config.decay_steps = 20;
+        assert_eq!(learning_rate(&config, 79), 1e-3);
+        assert!((learning_rate(&config, 80) - 1e-3).abs() < 1e-12);
+        assert!((learning_rate(&config, 90) - 5.5e-4).abs() < 1e-12);
+        assert!((learning_rate(&config, 100) - 1e-4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn global_norm_covers_all_parameters() {
+        let device = dagmoe_model::parse_device("cpu").unwrap();
+        let a = Tensor::<1>::from_floats([3.0, 0.0, 0.0], &device);
+        let b = Tensor::<1>::from_floats([0.0, 4.0], &device);
+        let c = Tensor::<1>::from_floats([12.0], &device);
+        // sqrt(9 + 16 + 144) = 13, not the largest per-tensor norm 12.
+        assert!((global_norm(&[a, b, c]) - 13.0).abs() < 1e-6);
     }
 
     #[test]

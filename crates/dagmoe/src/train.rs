@@ -1,24 +1,27 @@
 //! The training loop shared by `pretrain` and `finetune`.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::module::Module;
-use burn::tensor::Device;
+use burn::tensor::{Device, Tensor};
 use dagmoe_data::manifest::Split;
-use dagmoe_data::{Manifest, TextTokenizer, TokenStream, TrainLoader};
-use dagmoe_model::{DagMoeModel, token_nll};
+use dagmoe_data::{Batch, Manifest, TextTokenizer, TokenStream, TrainLoader};
+use dagmoe_model::{DagMoeModel, ParamCounts, token_nll};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, TrainerState, list_checkpoints, save_checkpoint};
+use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
 use crate::eval::{DataIdentity, EvalResult, EvalSet, Unigram, batch_tensors, check_manifest, evaluate, open_eval_set};
-use crate::metrics::{MetricsWriter, StepMetrics};
+use crate::metrics::{MetricsWriter, StepMetrics, trim_metrics_after};
 use crate::optim::{AdamW, clip_scale, global_norm, learning_rate};
 use crate::params::{GradientCollector, ParamUpdater};
+use crate::resume::config_differences;
 
 /// Summary of a finished run, also written to `<out_dir>/run.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -27,20 +30,35 @@ pub struct RunSummary {
     pub checkpoint: PathBuf,
     pub steps: u64,
     pub tokens_seen: u64,
-    /// Training tokens per second, first step excluded, evaluation and checkpoint time excluded.
+    /// Training tokens per second in this process, its first step excluded,
+    /// evaluation and checkpoint time excluded.
     pub train_tokens_per_second: f64,
     pub final_loss: f64,
+    pub skipped_steps: u64,
     pub params_total: usize,
     pub params_active_per_token: usize,
     pub eval: Vec<EvalResult>,
 }
 
-/// Source of a run's initial weights.
+/// Source of a run's initial state.
 pub enum Start {
     /// Fresh weights from `train.seed`.
     Scratch,
     /// Weights of a checkpoint, with a new optimizer and data order (fine-tuning).
     Weights(PathBuf),
+    /// Everything from the newest complete checkpoint in `train.out_dir`.
+    /// A config that differs from the checkpoint's in a key that changes
+    /// the result is rejected unless `allow_config_change` is set.
+    Resume { allow_config_change: bool },
+}
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Installs a SIGINT and SIGTERM handler: training then finishes its current
+/// step, saves a checkpoint and returns [`Error::Interrupted`].
+pub fn install_interrupt_handler() -> Result<()> {
+    ctrlc::set_handler(|| INTERRUPTED.store(true, Ordering::SeqCst))
+        .map_err(|e| Error::Usage(format!("failed to install the SIGINT/SIGTERM handler: {e}")))
 }
 
 /// Sets the compute threads of both backends; 0 keeps the libraries' defaults (all cores).
@@ -72,18 +90,89 @@ struct Trainer {
     unigram: Unigram,
     metrics: MetricsWriter,
     out_dir: PathBuf,
+    last_checkpoint: Option<PathBuf>,
 }
 
-/// Scalars of one optimizer step, read back to the host.
+/// Gradients of one optimizer step, summed over its micro-batches, with the
+/// step's scalars read back to the host.
+pub struct StepGradients {
+    /// `(parameter name, flattened gradient)` in visiting order.
+    pub gradients: Vec<(String, Tensor<1>)>,
+    pub lm_loss: f64,
+    pub load_balance: f64,
+    pub z_loss: f64,
+    pub tokens_per_expert: Vec<Vec<usize>>,
+    pub mean_edges: Vec<Vec<Tensor<2>>>,
+}
+
+/// Computes the gradient of one optimizer step over `batches`.
+///
+/// The LM loss of each micro-batch is its summed token NLL divided by the
+/// target tokens of the whole step, so the gradient is a per-token average over
+/// the step however the tokens are split into micro-batches. The auxiliary
+/// losses are averaged over micro-batches.
+pub fn step_gradients(model: &DagMoeModel, config: &RunConfig, batches: &[Batch], device: &Device) -> StepGradients {
+    let moe = &config.model.moe;
+    let step_tokens: usize = batches.iter().map(Batch::target_count).sum();
+    let micro_batches = batches.len() as f64;
+    let mut sums: Vec<(String, Tensor<1>)> = Vec::new();
+    let mut result = StepGradients {
+        gradients: Vec::new(),
+        lm_loss: 0.0,
+        load_balance: 0.0,
+        z_loss: 0.0,
+        tokens_per_expert: Vec::new(),
+        mean_edges: Vec::new(),
+    };
+    for batch in batches {
+        let (inputs, targets, mask) = batch_tensors(batch, device);
+        let output = model.forward(inputs);
+        let lm = token_nll(output.logits_btv, targets).mul(mask).sum().div_scalar(step_tokens as f64);
+        let aux = (output.load_balance.clone().mul_scalar(moe.load_balance_coef)
+            + output.z_loss.clone().mul_scalar(moe.z_loss_coef))
+        .div_scalar(micro_batches);
+        let grads = (lm.clone() + aux).backward();
+
+        result.lm_loss += lm.into_scalar::<f32>() as f64;
+        result.load_balance += output.load_balance.into_scalar::<f32>() as f64 / micro_batches;
+        result.z_loss += output.z_loss.into_scalar::<f32>() as f64 / micro_batches;
+        add_counts(&mut result.tokens_per_expert, output.routing.tokens_per_expert);
+        result.mean_edges = output.routing.mean_edges;
+
+        let mut collector = GradientCollector::new(&grads);
+        model.visit(&mut collector);
+        if sums.is_empty() {
+            sums = collector.gradients.into_iter().map(|(name, _, grad)| (name, grad)).collect();
+        } else {
+            for ((_, total), (_, _, grad)) in sums.iter_mut().zip(collector.gradients) {
+                *total = total.clone() + grad;
+            }
+        }
+    }
+    result.gradients = sums;
+    result
+}
+
+fn add_counts(total: &mut Vec<Vec<usize>>, step: Vec<Vec<usize>>) {
+    if total.is_empty() {
+        *total = step;
+        return;
+    }
+    for (layer_total, layer) in total.iter_mut().zip(step) {
+        for (count, added) in layer_total.iter_mut().zip(layer) {
+            *count += added;
+        }
+    }
+}
+
+/// Scalars and statistics of one optimizer step.
 struct StepResult {
     loss: f64,
-    lm_loss: f64,
-    load_balance: f64,
-    z_loss: f64,
     grad_norm: f64,
     lr: f64,
     tokens: u64,
-    tokens_per_expert: Vec<Vec<usize>>,
+    skipped: bool,
+    gradients: StepGradients,
 }
 
 impl Trainer {
@@ -105,12 +194,22 @@ impl Trainer {
             )));
         }
         let identity = DataIdentity { vocab_size: config.model.vocab_size, tokenizer_sha256: tokenizer.sha256().to_string() };
-        let manifest = Manifest::load(&config.data.train)
-            .map_err(|e| Error::Config(format!("data.train: {}; run `dagmoe data prepare` or fix the path", Error::with_causes(&e))))?;
+        let manifest = Manifest::load(&config.data.train).map_err(|e| {
+            Error::Config(format!("data.train: {}; run `dagmoe data prepare` or fix the path", Error::with_causes(&e)))
+        })?;
         check_manifest(&config.data.train, &manifest, &identity)?;
         let stream = TokenStream::open(&config.data.train, &manifest, Split::Train)?;
         let unigram = Unigram::fit(&stream, config.model.vocab_size);
-        let loader = TrainLoader::new(stream, config.data.seq_len, config.train.batch_size, config.train.seed)?;
+        let mut loader = TrainLoader::new(stream, config.data.seq_len, config.train.batch_size, config.train.seed)?;
+        let step_windows = config.train.batch_size * config.train.grad_accum;
+        if step_windows > loader.windows() {
+            return Err(Error::Config(format!(
+                "train.batch_size * train.grad_accum = {step_windows} sequences exceed the {} sequences of data.seq_len = {} in the training split {}; lower train.batch_size",
+                loader.windows(),
+                config.data.seq_len,
+                config.data.train.display()
+            )));
+        }
         let eval_sets = config
             .data
             .valid
@@ -119,33 +218,69 @@ impl Trainer {
             .collect::<Result<Vec<_>>>()?;
 
         let out_dir = config.train.out_dir.clone();
-        if !list_checkpoints(&out_dir)?.is_empty() || out_dir.join("metrics.jsonl").exists() {
-            return Err(Error::Usage(format!(
-                "train.out_dir {} already contains a run; choose another with --set train.out_dir=DIR or delete it",
-                out_dir.display()
-            )));
-        }
+        let resume_from = match &start {
+            Start::Resume { allow_config_change } => {
+                Some(resume_checkpoint(&out_dir, &config, &identity, *allow_config_change)?)
+            }
+            _ => {
+                if !list_checkpoints(&out_dir)?.is_empty() {
+                    return Err(Error::Usage(format!(
+                        "train.out_dir {} already contains a run; continue it with --resume, or choose another with --set train.out_dir=DIR",
+                        out_dir.display()
+                    )));
+                }
+                if out_dir.join("metrics.jsonl").exists() {
+                    return Err(Error::Usage(format!(
+                        "train.out_dir {} contains a run that stopped before its first checkpoint; delete the directory or choose another with --set train.out_dir=DIR",
+                        out_dir.display()
+                    )));
+                }
+                None
+            }
+        };
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io("create run directory", &out_dir, e))?;
         let config_path = out_dir.join("config.toml");
         std::fs::write(&config_path, config.to_toml()).map_err(|e| Error::io("write", &config_path, e))?;
 
-        let model = match &start {
-            Start::Scratch => DagMoeModel::new(&config.model, config.data.seq_len, &device)
-                .map_err(|e| Error::Config(e.to_string()))?,
-            Start::Weights(dir) => Checkpoint::open(dir)?.load_model(&device)?,
-        };
-        let state = TrainerState {
+        let mut optimizer = AdamW::new(&config.train);
+        let mut state = TrainerState {
             step: 0,
             tokens_seen: 0,
             loader: loader.cursor(),
             tokenizer_sha256: identity.tokenizer_sha256,
+            skipped_steps: 0,
+            model_sha256: None,
+        };
+        let model = match (&start, &resume_from) {
+            (_, Some(checkpoint)) => {
+                let model = checkpoint.load_model(&device)?;
+                checkpoint.load_optimizer(&mut optimizer, &device)?;
+                state = checkpoint.state.clone();
+                loader.restore(state.loader);
+                trim_metrics_after(&out_dir.join("metrics.jsonl"), state.step)?;
+                tracing::info!(checkpoint = %checkpoint.dir.display(), step = state.step, "resuming");
+                model
+            }
+            (Start::Weights(dir), None) => {
+                let checkpoint = Checkpoint::open(dir)?;
+                if checkpoint.state.tokenizer_sha256 != state.tokenizer_sha256 {
+                    return Err(Error::Config(format!(
+                        "checkpoint {} was trained with another tokenizer than data.tokenizer = {}; fine-tune with the checkpoint's tokenizer and data prepared with it",
+                        dir.display(),
+                        config.data.tokenizer.display()
+                    )));
+                }
+                checkpoint.load_model(&device)?
+            }
+            _ => DagMoeModel::new(&config.model, config.data.seq_len, &device).map_err(|e| Error::Config(e.to_string()))?,
         };
         Ok(Self {
-            optimizer: AdamW::new(&config.train),
             metrics: MetricsWriter::create(&out_dir.join("metrics.jsonl"))?,
+            last_checkpoint: resume_from.map(|c| c.dir),
             config,
             device,
             model,
+            optimizer,
             loader,
             state,
             eval_sets,
@@ -156,8 +291,8 @@ impl Trainer {
 
     fn run(&mut self) -> Result<RunSummary> {
         let train = self.config.train.clone();
-        let progress = progress_bar(train.steps);
-        let counts = dagmoe_model::ParamCounts::of(&self.config.model);
+        let progress = progress_bar(train.steps, self.state.step);
+        let counts = ParamCounts::of(&self.config.model);
         tracing::info!(
             run_dir = %self.out_dir.display(),
             params = counts.total,
@@ -166,16 +301,16 @@ impl Trainer {
             "training started"
         );
 
+        let first_step = self.state.step;
         let mut timed = Duration::ZERO;
         let mut timed_tokens = 0u64;
         let mut last_loss = f64::NAN;
-        let mut last_checkpoint = None;
         while self.state.step < train.steps {
             let started = Instant::now();
             let result = self.step()?;
             let elapsed = started.elapsed();
-            // The first step pays one-time allocation costs; leave it out of speed figures.
-            if self.state.step > 1 {
+            // The first step of a process pays one-time allocation costs; leave it out of speed figures.
+            if self.state.step > first_step + 1 {
                 timed += elapsed;
                 timed_tokens += result.tokens;
             }
@@ -185,21 +320,27 @@ impl Trainer {
 
             progress.set_position(step);
             progress.set_message(format!("loss {:.4} | {:.0} tok/s", result.loss, tokens_per_second));
-            if step % train.log_every == 0 || step == train.steps {
+            if step % train.log_every == 0 || step == train.steps || result.skipped {
                 self.log_step(&result, tokens_per_second, progress.is_hidden())?;
             }
             if train.eval_every > 0 && step % train.eval_every == 0 && step < train.steps {
                 self.evaluate_all()?;
             }
-            if train.checkpoint_every > 0 && step % train.checkpoint_every == 0 {
-                last_checkpoint = Some((step, self.save()?));
+            let due = train.checkpoint_every > 0 && step % train.checkpoint_every == 0;
+            if due {
+                self.save()?;
+            }
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                progress.abandon();
+                let checkpoint = if due { self.last_checkpoint.clone().expect("just saved") } else { self.save()? };
+                return Err(Error::Interrupted { step, checkpoint });
             }
         }
         progress.finish_and_clear();
 
         let eval = self.evaluate_all()?;
-        let checkpoint = match last_checkpoint {
-            Some((step, dir)) if step == self.state.step => dir,
+        let checkpoint = match &self.last_checkpoint {
+            Some(dir) if crate::checkpoint::checkpoint_step(dir) == Some(self.state.step) => dir.clone(),
             _ => self.save()?,
         };
         let summary = RunSummary {
@@ -209,6 +350,7 @@ impl Trainer {
             tokens_seen: self.state.tokens_seen,
             train_tokens_per_second: if timed.is_zero() { 0.0 } else { timed_tokens as f64 / timed.as_secs_f64() },
             final_loss: last_loss,
+            skipped_steps: self.state.skipped_steps,
             params_total: counts.total,
             params_active_per_token: counts.active_per_token,
             eval,
@@ -223,56 +365,31 @@ impl Trainer {
     fn step(&mut self) -> Result<StepResult> {
         let train = &self.config.train;
         let lr = learning_rate(train, self.state.step);
-        let step_tokens = (train.grad_accum * train.batch_size * self.config.data.seq_len) as f64;
 
-        // Micro-batches: the LM loss is summed over tokens and divided by the
-        // step's token count, so accumulation averages per token.
-        let mut gradients: Vec<(String, burn::module::ParamId, burn::tensor::Tensor<1>)> = Vec::new();
-        let (mut lm_loss, mut load_balance, mut z_loss) = (0.0, 0.0, 0.0);
-        let mut tokens_per_expert: Vec<Vec<usize>> = Vec::new();
-        for _ in 0..train.grad_accum {
-            let batch = self.loader.next_batch();
-            let (inputs, targets, _) = batch_tensors(&batch, &self.device);
-            let output = self.model.forward(inputs);
-            let lm = token_nll(output.logits_btv, targets).sum().div_scalar(step_tokens);
-            let moe = &self.config.model.moe;
-            let aux = (output.load_balance.clone().mul_scalar(moe.load_balance_coef)
-                + output.z_loss.clone().mul_scalar(moe.z_loss_coef))
-            .div_scalar(train.grad_accum as f64);
-            let grads = (lm.clone() + aux).backward();
-
-            lm_loss += lm.into_scalar::<f32>() as f64;
-            load_balance += output.load_balance.into_scalar::<f32>() as f64 / train.grad_accum as f64;
-            z_loss += output.z_loss.into_scalar::<f32>() as f64 / train.grad_accum as f64;
-            accumulate_routing(&mut tokens_per_expert, output.routing.tokens_per_expert);
-            let mut collector = GradientCollector::new(&grads);
-            self.model.visit(&mut collector);
-            if gradients.is_empty() {
-                gradients = collector.gradients;
-            } else {
-                for (total, (_, _, grad)) in gradients.iter_mut().zip(collector.gradients) {
-                    total.2 = total.2.clone() + grad;
-                }
-            }
-        }
+        // Micro-batches: gradients averaged per token over the whole step.
+        let batches: Vec<Batch> = (0..train.grad_accum).map(|_| self.loader.next_batch()).collect();
+        let tokens = batches.iter().map(|b| b.target_count() as u64).sum();
+        let gradients = step_gradients(&self.model, &self.config, &batches, &self.device);
         let moe = &self.config.model.moe;
-        let loss = lm_loss + moe.load_balance_coef * load_balance + moe.z_loss_coef * z_loss;
+        let loss = gradients.lm_loss + moe.load_balance_coef * gradients.load_balance + moe.z_loss_coef * gradients.z_loss;
 
-        // Global-norm clipping and the finite check, both before any weight changes.
-        let values: Vec<_> = gradients.iter().map(|(_, _, g)| g.clone()).collect();
+        // Global-norm clipping scale, over all parameters together.
+        let values: Vec<Tensor<1>> = gradients.gradients.iter().map(|(_, g)| g.clone()).collect();
         let grad_norm = global_norm(&values);
-        if !loss.is_finite() || !grad_norm.is_finite() {
-            return Err(Error::Diverged(format!(
-                "step {}: loss {loss} or gradient norm {grad_norm} is not finite; nothing was updated. Lower train.lr or raise train.warmup_steps, then restart from the last checkpoint in {}",
-                self.state.step + 1,
-                self.out_dir.join("checkpoints").display()
-            )));
-        }
         let scale = clip_scale(grad_norm, train.grad_clip);
 
+        // Finite check before any weight changes.
+        self.state.step += 1;
+        self.state.tokens_seen += tokens;
+        self.state.loader = self.loader.cursor();
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            self.skip_step(loss, grad_norm)?;
+            return Ok(StepResult { loss, grad_norm, lr, tokens, skipped: true, gradients });
+        }
+
         // AdamW update of every parameter that received a gradient.
-        let mut by_name: std::collections::HashMap<String, burn::tensor::Tensor<1>> =
-            gradients.into_iter().map(|(name, _, grad)| (name, grad)).collect();
+        let mut by_name: HashMap<&str, Tensor<1>> =
+            gradients.gradients.iter().map(|(name, grad)| (name.as_str(), grad.clone())).collect();
         let optimizer = &mut self.optimizer;
         let mut updater = ParamUpdater::new(|name: &str, shape: &[usize], value| {
             let grad = by_name.remove(name)?;
@@ -281,30 +398,59 @@ impl Trainer {
         });
         self.model = self.model.clone().map(&mut updater);
         self.optimizer.step += 1;
+        Ok(StepResult { loss, grad_norm, lr, tokens, skipped: false, gradients })
+    }
 
-        let tokens = step_tokens as u64;
-        self.state.step += 1;
-        self.state.tokens_seen += tokens;
-        self.state.loader = self.loader.cursor();
-        Ok(StepResult { loss, lm_loss, load_balance, z_loss, grad_norm, lr, tokens, tokens_per_expert })
+    /// Counts a step whose loss or gradient norm is not finite, or stops the run
+    /// when `train.max_skipped_steps` are used up.
+    fn skip_step(&mut self, loss: f64, grad_norm: f64) -> Result<()> {
+        let step = self.state.step;
+        if self.state.skipped_steps >= self.config.train.max_skipped_steps {
+            let last_good = match &self.last_checkpoint {
+                Some(dir) => format!("the last good checkpoint is {}", dir.display()),
+                None => "no checkpoint was saved yet".to_string(),
+            };
+            return Err(Error::Diverged(format!(
+                "step {step}: loss {loss} or gradient norm {grad_norm} is not finite and no weight was updated; {last_good}. Lower train.lr or raise train.warmup_steps and resume, or allow skips with train.max_skipped_steps"
+            )));
+        }
+        self.state.skipped_steps += 1;
+        tracing::warn!(
+            step,
+            skipped = self.state.skipped_steps,
+            allowed = self.config.train.max_skipped_steps,
+            "skipping a step whose loss {loss} or gradient norm {grad_norm} is not finite"
+        );
+        Ok(())
     }
 
     fn log_step(&mut self, result: &StepResult, tokens_per_second: f64, plain: bool) -> Result<()> {
         let moe = &self.config.model.moe;
-        let metrics = StepMetrics::new(
-            self.state.step,
-            self.state.tokens_seen,
-            result.loss,
-            result.lm_loss,
-            result.load_balance,
-            result.z_loss,
-            moe.load_balance_coef,
-            moe.z_loss_coef,
-            result.lr,
-            result.grad_norm,
+        let mean_edges: Vec<Vec<Vec<f32>>> = result
+            .gradients
+            .mean_edges
+            .iter()
+            .map(|levels| levels.iter().map(|edges| edges.to_data().iter::<f32>().collect()).collect())
+            .collect();
+        let flops_per_token = flops_per_token(&self.config);
+        let mfu = (self.config.train.peak_flops > 0.0)
+            .then(|| tokens_per_second * flops_per_token / self.config.train.peak_flops);
+        let metrics = StepMetrics {
+            step: self.state.step,
+            tokens: self.state.tokens_seen,
+            loss: result.loss,
+            lm_loss: result.gradients.lm_loss,
+            load_balance_loss: result.gradients.load_balance,
+            z_loss: result.gradients.z_loss,
+            load_balance_loss_scaled: result.gradients.load_balance * moe.load_balance_coef,
+            z_loss_scaled: result.gradients.z_loss * moe.z_loss_coef,
+            lr: result.lr,
+            grad_norm: result.grad_norm,
             tokens_per_second,
-            &result.tokens_per_expert,
-        );
+            mfu,
+            skipped: result.skipped,
+            ..StepMetrics::routing(&result.gradients.tokens_per_expert, mean_edges, moe.top_k)
+        };
         if plain {
             tracing::info!(
                 "step {}/{} loss {:.4} lr {:.2e} grad_norm {:.3} tok/s {:.0}",
@@ -348,27 +494,56 @@ impl Trainer {
         Ok(results)
     }
 
-    fn save(&self) -> Result<PathBuf> {
-        let dir = save_checkpoint(&self.out_dir, &self.model, &self.optimizer, &self.state, &self.config)?;
+    fn save(&mut self) -> Result<PathBuf> {
+        let writer = CheckpointWriter::default();
+        let dir = save_checkpoint(&self.out_dir, &self.model, &self.optimizer, &self.state, &self.config, &writer)?;
         tracing::info!(checkpoint = %dir.display(), "checkpoint saved");
+        self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }
 }
 
-fn accumulate_routing(total: &mut Vec<Vec<usize>>, step: Vec<Vec<usize>>) {
-    if total.is_empty() {
-        *total = step;
-        return;
+/// Opens the newest complete checkpoint of `out_dir` and checks that `config`
+/// and the data identity match the ones it was saved with.
+fn resume_checkpoint(out_dir: &Path, config: &RunConfig, identity: &DataIdentity, allow_change: bool) -> Result<Checkpoint> {
+    let dir = latest_checkpoint(out_dir)?.ok_or_else(|| {
+        Error::Usage(format!(
+            "--resume: {} contains no complete checkpoint; delete {} and start the run without --resume",
+            out_dir.join("checkpoints").display(),
+            out_dir.display()
+        ))
+    })?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let mut differences = config_differences(&checkpoint.config, config);
+    if checkpoint.state.tokenizer_sha256 != identity.tokenizer_sha256 {
+        differences.push("data.tokenizer (its content changed)".to_string());
     }
-    for (layer_total, layer) in total.iter_mut().zip(step) {
-        for (count, added) in layer_total.iter_mut().zip(layer) {
-            *count += added;
+    if !differences.is_empty() {
+        if !allow_change {
+            return Err(Error::Config(format!(
+                "--resume: the config differs from checkpoint {} in {}, which changes the result; restore those values or pass --allow-config-change",
+                dir.display(),
+                differences.join(", ")
+            )));
         }
+        tracing::warn!(keys = %differences.join(", "), "resuming with a changed config (--allow-config-change)");
     }
+    Ok(checkpoint)
 }
 
-fn progress_bar(steps: u64) -> ProgressBar {
+/// Training FLOPs per token: 6 per active non-embedding parameter (forward and
+/// backward matrix products) plus `12 * n_layers * d_model * seq_len` for
+/// attention scores, the estimate of Chowdhery et al. (2022), appendix B.
+pub fn flops_per_token(config: &RunConfig) -> f64 {
+    let counts = ParamCounts::of(&config.model);
+    let model = &config.model;
+    let matmul_params = (counts.active_per_token - counts.embedding) as f64;
+    6.0 * matmul_params + 12.0 * (model.n_layers * model.d_model * config.data.seq_len) as f64
+}
+
+fn progress_bar(steps: u64, position: u64) -> ProgressBar {
     let bar = ProgressBar::new(steps);
+    bar.set_position(position);
     if std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::stderr());
         let style = ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg} | eta {eta}")

@@ -1,0 +1,71 @@
+//! Which config changes a resume may accept.
+
+use crate::config::RunConfig;
+
+/// Keys that change how a run is observed or saved, not what it computes.
+/// `train.threads` is among them although libtorch may round differently
+/// with another thread count, so bit-identical resumes need the same count.
+const RESULT_NEUTRAL_KEYS: &[&str] = &[
+    "data.valid",
+    "train.out_dir",
+    "data.eval_tokens",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+    "train.keep_last",
+    "train.keep_every",
+    "train.threads",
+    "train.peak_flops",
+];
+
+/// Dotted keys whose values differ between two configs, result-neutral keys excluded.
+pub fn config_differences(saved: &RunConfig, current: &RunConfig) -> Vec<String> {
+    let saved = toml::Value::try_from(saved).expect("a run config serializes");
+    let current = toml::Value::try_from(current).expect("a run config serializes");
+    let mut differences = Vec::new();
+    collect_differences("", &saved, &current, &mut differences);
+    differences.retain(|key| !RESULT_NEUTRAL_KEYS.iter().any(|neutral| key == neutral || key.starts_with(&format!("{neutral}."))));
+    differences
+}
+
+/// Dotted `model.*` keys whose values differ between two configs.
+pub fn model_differences(saved: &RunConfig, current: &RunConfig) -> Vec<String> {
+    let saved = toml::Value::try_from(&saved.model).expect("a model config serializes");
+    let current = toml::Value::try_from(&current.model).expect("a model config serializes");
+    let mut differences = Vec::new();
+    collect_differences("model", &saved, &current, &mut differences);
+    differences
+}
+
+fn collect_differences(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut Vec<String>) {
+    let join = |key: &str| if prefix.is_empty() { key.to_string() } else { format!("{prefix}.{key}") };
+    match (a, b) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            for (key, value) in a {
+                match b.get(key) {
+                    Some(other) => collect_differences(&join(key), value, other, out),
+                    None => out.push(join(key)),
+                }
+            }
+            out.extend(b.keys().filter(|key| !a.contains_key(*key)).map(|key| join(key)));
+        }
+        (a, b) if a != b => out.push(prefix.to_string()),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_config;
+
+    #[test]
+    fn differences_skip_neutral_keys() {
+        let text = include_str!("../../../configs/tiny-dagmoe.toml");
+        let saved = parse_config(text, "tiny", &[]).unwrap();
+        let overrides = ["train.log_every=1", "train.keep_last=9", "train.lr=0.5", "model.dag.depth=2"].map(String::from);
+        let current = parse_config(text, "tiny", &overrides).unwrap();
+        assert_eq!(config_differences(&saved, &current), vec!["model.dag.depth", "train.lr"]);
+    }
+}
