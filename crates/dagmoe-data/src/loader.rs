@@ -257,7 +257,7 @@ mod tests {
                 starts.push(row[0]);
             }
         }
-        // Two epochs were consumed (2 rows per batch); each holds every window once.
+        // Two epochs were consumed (2 rows per batch); each contains every window once.
         first_epoch.extend_from_slice(&starts[..windows]);
         let mut second_epoch = starts[windows..].to_vec();
         first_epoch.sort_unstable();

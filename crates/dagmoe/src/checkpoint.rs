@@ -35,6 +35,10 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const COMPLETE_MARKER: &str = "COMPLETE";
 
 /// Training progress stored with every checkpoint.
+///
+/// NOTE: training draws no random numbers after initialization (there is no
+/// dropout) and the data order is a function of `train.seed` and the epoch,
+/// so the loader cursor is the only random state a resume needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Optimizer steps completed.
@@ -42,6 +46,10 @@ pub struct TrainerState {
     pub tokens_seen: u64,
     pub loader: LoaderCursor,
     pub tokenizer_sha256: String,
+    /// SHA-256 over the training split's shard checksums: the loader cursor
+    /// is meaningful only for the same token stream.
+    #[serde(default)]
+    pub train_data_sha256: String,
     /// Steps skipped so far because their loss or gradient norm was not finite.
     #[serde(default)]
     pub skipped_steps: u64,
@@ -261,9 +269,17 @@ impl Checkpoint {
     /// Reads the config and trainer state of a complete checkpoint directory.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
+            let problem = if dir.exists() { "is not a directory" } else { "does not exist" };
             return Err(Error::Usage(format!(
-                "checkpoint directory {} does not exist; pass a directory such as runs/small-dagmoe/checkpoints/step-00000300",
+                "checkpoint directory {} {problem}; pass a directory such as runs/small-dagmoe/checkpoints/step-00000300",
                 dir.display()
+            )));
+        }
+        if let Some(newest) = latest_checkpoint(dir)? {
+            return Err(Error::Usage(format!(
+                "{} is a run directory, not a checkpoint; pass one of its checkpoints, such as {}",
+                dir.display(),
+                newest.display()
             )));
         }
         if !dir.join(COMPLETE_MARKER).exists() {

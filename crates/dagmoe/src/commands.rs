@@ -181,7 +181,7 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
     Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, results })
 }
 
-/// Rejects an eval report path that holds a file other than an earlier eval
+/// Rejects an eval report path that contains a file other than an earlier eval
 /// report, so a mistyped `--output` cannot replace a user's file.
 pub fn check_report_path(path: &Path) -> Result<()> {
     if !path.exists() {

@@ -46,6 +46,7 @@ enum Command {
         /// Config with [data] and [train]; [model] is taken from the checkpoint.
         #[arg(long)]
         config: PathBuf,
+        /// Override a config value, for example --set train.lr=1e-4 (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
         /// Continue from the newest complete checkpoint in train.out_dir.
@@ -75,8 +76,10 @@ enum Command {
     },
     /// Print parameter counts of a config.
     Params {
+        /// Run configuration whose [model] is counted.
         #[arg(long)]
         config: PathBuf,
+        /// Override a config value, for example --set model.dag.depth=1 (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
     },
@@ -107,6 +110,7 @@ enum DataCommand {
         /// Corpus file or directory (one document per file).
         #[arg(long)]
         input: PathBuf,
+        /// The tokenizer.json to encode with.
         #[arg(long)]
         tokenizer: PathBuf,
         /// Prepared directory to create.

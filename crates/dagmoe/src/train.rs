@@ -199,6 +199,8 @@ impl Trainer {
         })?;
         check_manifest(&config.data.train, &manifest, &identity)?;
         let stream = TokenStream::open(&config.data.train, &manifest, Split::Train)?;
+        let shard_checksums: Vec<&str> = manifest.train.shards.iter().map(|s| s.sha256.as_str()).collect();
+        let train_data_sha256 = dagmoe_data::sha256_hex(shard_checksums.join(",").as_bytes());
         let unigram = Unigram::fit(&stream, config.model.vocab_size);
         let mut loader = TrainLoader::new(stream, config.data.seq_len, config.train.batch_size, config.train.seed)?;
         let step_windows = config.train.batch_size * config.train.grad_accum;
@@ -220,7 +222,7 @@ impl Trainer {
         let out_dir = config.train.out_dir.clone();
         let resume_from = match &start {
             Start::Resume { allow_config_change } => {
-                Some(resume_checkpoint(&out_dir, &config, &identity, *allow_config_change)?)
+                Some(resume_checkpoint(&out_dir, &config, &identity, &train_data_sha256, *allow_config_change)?)
             }
             _ => {
                 if !list_checkpoints(&out_dir)?.is_empty() {
@@ -248,6 +250,7 @@ impl Trainer {
             tokens_seen: 0,
             loader: loader.cursor(),
             tokenizer_sha256: identity.tokenizer_sha256,
+            train_data_sha256: train_data_sha256.clone(),
             skipped_steps: 0,
             model_sha256: None,
         };
@@ -505,7 +508,13 @@ impl Trainer {
 
 /// Opens the newest complete checkpoint of `out_dir` and checks that `config`
 /// and the data identity match the ones it was saved with.
-fn resume_checkpoint(out_dir: &Path, config: &RunConfig, identity: &DataIdentity, allow_change: bool) -> Result<Checkpoint> {
+fn resume_checkpoint(
+    out_dir: &Path,
+    config: &RunConfig,
+    identity: &DataIdentity,
+    train_data_sha256: &str,
+    allow_change: bool,
+) -> Result<Checkpoint> {
     let dir = latest_checkpoint(out_dir)?.ok_or_else(|| {
         Error::Usage(format!(
             "--resume: {} contains no complete checkpoint; delete {} and start the run without --resume",
@@ -517,6 +526,9 @@ fn resume_checkpoint(out_dir: &Path, config: &RunConfig, identity: &DataIdentity
     let mut differences = config_differences(&checkpoint.config, config);
     if checkpoint.state.tokenizer_sha256 != identity.tokenizer_sha256 {
         differences.push("data.tokenizer (its content changed)".to_string());
+    }
+    if checkpoint.state.train_data_sha256 != train_data_sha256 {
+        differences.push("data.train (its shards changed)".to_string());
     }
     if !differences.is_empty() {
         if !allow_change {

@@ -244,3 +244,16 @@ fn non_finite_loss_stops_or_is_skipped() {
     let metrics = std::fs::read_to_string(summary.run_dir.join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"skipped\":true"));
 }
+
+#[test]
+fn pruning_keeps_last_and_milestones() {
+    let fixture = Fixture::new();
+    let settings = ["train.steps=10", "train.checkpoint_every=2", "train.keep_last=1", "train.keep_every=4"];
+    let summary = train(fixture.config("tiny-moe", "run", &settings), Start::Scratch).unwrap();
+    let steps: Vec<u64> = list_checkpoints(&summary.run_dir)
+        .unwrap()
+        .iter()
+        .map(|dir| dagmoe::checkpoint::checkpoint_step(dir).unwrap())
+        .collect();
+    assert_eq!(steps, vec![4, 8, 10]);
+}
