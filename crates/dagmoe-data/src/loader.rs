@@ -75,19 +75,28 @@ impl TokenStream {
 }
 
 /// A batch of windows: `rows` windows of `seq_len + 1` tokens, row-major.
-/// Row `r` predicts `tokens[r][1..=target_lengths[r]]`; tokens past that are padding.
+/// Row `r` has targets `tokens[r][1..=target_lengths[r]]` (tokens past them
+/// are padding) and scores those from index `score_from[r]` on, so that a
+/// sliding evaluation scores each token once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {
     pub tokens: Vec<u32>,
     pub rows: usize,
     pub seq_len: usize,
     pub target_lengths: Vec<usize>,
+    pub score_from: Vec<usize>,
 }
 
 impl Batch {
-    /// Number of predicted (scored) tokens in the batch.
+    /// Number of scored target tokens in the batch.
     pub fn target_count(&self) -> usize {
-        self.target_lengths.iter().sum()
+        self.target_lengths.iter().zip(&self.score_from).map(|(len, from)| len - from).sum()
+    }
+
+    /// The scored target ids of row `row`.
+    pub fn scored_targets(&self, row: usize) -> &[u32] {
+        let start = row * (self.seq_len + 1);
+        &self.tokens[start + 1 + self.score_from[row]..=start + self.target_lengths[row]]
     }
 }
 
@@ -155,7 +164,13 @@ impl TrainLoader {
             self.stream.read(window * self.seq_len as u64, row);
             self.cursor.index += 1;
         }
-        Batch { tokens, rows: self.batch_size, seq_len: self.seq_len, target_lengths: vec![self.seq_len; self.batch_size] }
+        Batch {
+            tokens,
+            rows: self.batch_size,
+            seq_len: self.seq_len,
+            target_lengths: vec![self.seq_len; self.batch_size],
+            score_from: vec![0; self.batch_size],
+        }
     }
 }
 
@@ -168,25 +183,35 @@ fn epoch_order(windows: usize, seed: u64, epoch: u64) -> Vec<u32> {
     permutation(windows, mixer.next_u64())
 }
 
-/// Sequential evaluation windows that score every token after the first exactly
-/// once: full windows, then one shorter window for the remainder, padded.
+/// Sequential evaluation windows that score every token after the first
+/// exactly once, the last partial window included (padded, padding unscored).
+///
+/// With `stride == seq_len` the windows do not overlap. A smaller stride
+/// slides them: each window after the first scores only the targets the
+/// previous window did not reach, so every scored token sees at least
+/// `seq_len - stride` tokens of context.
 pub struct EvalBatches<'a> {
     stream: &'a TokenStream,
     seq_len: usize,
+    stride: usize,
     batch_size: usize,
     next_start: u64,
+    /// Stream position of the last target scored so far.
+    covered: u64,
     /// Stream position after the last token to score.
     end: u64,
 }
 
 impl<'a> EvalBatches<'a> {
     /// Covers the whole stream, or its first `max_tokens` targets when given.
-    pub fn new(stream: &'a TokenStream, seq_len: usize, batch_size: usize, max_tokens: Option<u64>) -> Self {
+    /// `stride` must be in `1..=seq_len`.
+    pub fn new(stream: &'a TokenStream, seq_len: usize, stride: usize, batch_size: usize, max_tokens: Option<u64>) -> Self {
+        assert!((1..=seq_len).contains(&stride), "stride {stride} outside 1..={seq_len}");
         let end = match max_tokens {
             Some(limit) => stream.len().min(limit + 1),
             None => stream.len(),
         };
-        Self { stream, seq_len, batch_size, next_start: 0, end }
+        Self { stream, seq_len, stride, batch_size, next_start: 0, covered: 0, end }
     }
 }
 
@@ -195,20 +220,20 @@ impl Iterator for EvalBatches<'_> {
 
     fn next(&mut self) -> Option<Batch> {
         let width = self.seq_len + 1;
-        let mut tokens = Vec::new();
-        let mut target_lengths = Vec::new();
-        while target_lengths.len() < self.batch_size && self.next_start + 1 < self.end {
-            let targets = (self.end - self.next_start - 1).min(self.seq_len as u64) as usize;
+        let mut batch = Batch { tokens: Vec::new(), rows: 0, seq_len: self.seq_len, target_lengths: Vec::new(), score_from: Vec::new() };
+        while batch.rows < self.batch_size && self.covered + 1 < self.end {
+            let start = self.next_start;
+            let targets = (self.end - start - 1).min(self.seq_len as u64) as usize;
             let mut row = vec![0u32; width];
-            self.stream.read(self.next_start, &mut row[..targets + 1]);
-            tokens.extend_from_slice(&row);
-            target_lengths.push(targets);
-            self.next_start += targets as u64;
+            self.stream.read(start, &mut row[..targets + 1]);
+            batch.tokens.extend_from_slice(&row);
+            batch.target_lengths.push(targets);
+            batch.score_from.push(self.covered.saturating_sub(start) as usize);
+            batch.rows += 1;
+            self.covered = start + targets as u64;
+            self.next_start += self.stride as u64;
         }
-        if target_lengths.is_empty() {
-            return None;
-        }
-        Some(Batch { rows: target_lengths.len(), tokens, seq_len: self.seq_len, target_lengths })
+        (batch.rows > 0).then_some(batch)
     }
 }
 
@@ -290,19 +315,37 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let stream = positional_stream(dir.path(), &[10, 13]);
         let mut scored = Vec::new();
-        for batch in EvalBatches::new(&stream, 4, 2, None) {
-            for (row, &targets) in batch.tokens.chunks(5).zip(&batch.target_lengths) {
-                scored.extend_from_slice(&row[1..=targets]);
+        for batch in EvalBatches::new(&stream, 4, 4, 2, None) {
+            for row in 0..batch.rows {
+                scored.extend_from_slice(batch.scored_targets(row));
             }
         }
         assert_eq!(scored, (1..23).collect::<Vec<u32>>());
     }
 
     #[test]
+    fn sliding_windows_score_each_token_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let stream = positional_stream(dir.path(), &[10, 13]);
+        for stride in [1, 2, 3, 5] {
+            let mut scored = Vec::new();
+            for batch in EvalBatches::new(&stream, 5, stride, 3, None) {
+                for row in 0..batch.rows {
+                    let first_window = batch.tokens[row * 6] == 0;
+                    let context = batch.score_from[row];
+                    assert!(first_window || context >= 5 - stride, "stride {stride}: scored with {context} tokens of context");
+                    scored.extend_from_slice(batch.scored_targets(row));
+                }
+            }
+            assert_eq!(scored, (1..23).collect::<Vec<u32>>(), "stride {stride}");
+        }
+    }
+
+    #[test]
     fn eval_token_limit_is_respected() {
         let dir = tempfile::tempdir().unwrap();
         let stream = positional_stream(dir.path(), &[100]);
-        let scored: usize = EvalBatches::new(&stream, 8, 3, Some(30)).map(|b| b.target_count()).sum();
+        let scored: usize = EvalBatches::new(&stream, 8, 8, 3, Some(30)).map(|b| b.target_count()).sum();
         assert_eq!(scored, 30);
     }
 }

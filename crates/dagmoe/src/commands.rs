@@ -11,7 +11,8 @@ use serde::Serialize;
 use crate::checkpoint::Checkpoint;
 use crate::config::{RunConfig, parse_config};
 use crate::error::{Error, Result};
-use crate::eval::{DataIdentity, EvalResult, Unigram, evaluate, open_eval_set};
+use crate::eval::{DataIdentity, EvalResult, EvalWindow, Unigram, evaluate, open_eval_set};
+use crate::generate::{SamplingOptions, generate};
 use crate::train::set_threads;
 
 /// Trains a byte-level BPE tokenizer on the documents under `input`.
@@ -134,6 +135,10 @@ pub struct EvalOptions {
     pub eval_tokens: Option<u64>,
     /// Device override; `None` uses the checkpoint's `train.device`.
     pub device: Option<String>,
+    /// Window stride for sliding evaluation; `None` uses non-overlapping windows.
+    pub stride: Option<usize>,
+    /// Sequences per batch; `None` uses the checkpoint's `train.eval_batch_size`.
+    pub batch_size: Option<usize>,
 }
 
 /// Scores a checkpoint on each set.
@@ -164,7 +169,16 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
         .and_then(|manifest| TokenStream::open(&config.data.train, &manifest, Split::Train).ok())
         .map(|stream| Unigram::fit(&stream, config.model.vocab_size));
     let limit = options.eval_tokens.unwrap_or(config.data.eval_tokens);
-    let max_tokens = (limit > 0).then_some(limit);
+    let seq_len = config.data.seq_len;
+    let stride = options.stride.unwrap_or(seq_len);
+    if !(1..=seq_len).contains(&stride) {
+        return Err(Error::Usage(format!("invalid --stride {stride}: use a value from 1 to the checkpoint's seq_len {seq_len}")));
+    }
+    let batch_size = options.batch_size.unwrap_or(config.train.eval_batch_size);
+    if batch_size == 0 {
+        return Err(Error::Usage("invalid --batch-size 0: use a positive number of sequences".into()));
+    }
+    let window = EvalWindow { seq_len, stride, batch_size, max_tokens: (limit > 0).then_some(limit) };
 
     let mut results = Vec::new();
     for (name, dir) in &sets {
@@ -175,7 +189,7 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
             )));
         }
         let set = open_eval_set(name, dir, &identity)?;
-        let result = evaluate(&model, &set, config.data.seq_len, config.train.eval_batch_size, max_tokens, unigram.as_ref(), &device);
+        let result = evaluate(&model, &set, &window, unigram.as_ref(), &device);
         results.push(result);
     }
     Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, results })
@@ -199,6 +213,53 @@ pub fn check_report_path(path: &Path) -> Result<()> {
             path.display()
         )))
     }
+}
+
+/// Generates a continuation of `prompt` with a checkpoint and the tokenizer it was trained with.
+pub fn run_generate(checkpoint_dir: &Path, prompt: &str, options: &SamplingOptions, device: Option<&str>) -> Result<String> {
+    let checkpoint = Checkpoint::open(checkpoint_dir)?;
+    let config = &checkpoint.config;
+    set_threads(config.train.threads);
+    let device = parse_device(device.unwrap_or(&config.train.device)).map_err(Error::Usage)?.autodiff();
+    let model = checkpoint.load_model(&device)?.valid();
+    let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
+    if tokenizer.sha256() != checkpoint.state.tokenizer_sha256 {
+        return Err(Error::Config(format!(
+            "the tokenizer {} is not the one checkpoint {} was trained with; restore it",
+            config.data.tokenizer.display(),
+            checkpoint_dir.display()
+        )));
+    }
+    generate(&model, &tokenizer, prompt, options, &device.inner())
+}
+
+/// Formats several checkpoints' results side by side: perplexity per set and
+/// checkpoint, and each later checkpoint's difference from the first.
+pub fn comparison_table(reports: &[EvalReport]) -> String {
+    let mut out = format!("{:<16}", "set");
+    for (i, _) in reports.iter().enumerate() {
+        out.push_str(&format!(" {:>12}", format!("ppl #{}", i + 1)));
+        if i > 0 {
+            out.push_str(&format!(" {:>10}", format!("#{} - #1", i + 1)));
+        }
+    }
+    out.push('\n');
+    let Some(first) = reports.first() else { return out };
+    for (row, result) in first.results.iter().enumerate() {
+        out.push_str(&format!("{:<16}", result.set));
+        for (i, report) in reports.iter().enumerate() {
+            let perplexity = report.results[row].perplexity;
+            out.push_str(&format!(" {perplexity:>12.2}"));
+            if i > 0 {
+                out.push_str(&format!(" {:>+10.2}", perplexity - result.perplexity));
+            }
+        }
+        out.push('\n');
+    }
+    for (i, report) in reports.iter().enumerate() {
+        out.push_str(&format!("#{}: {} (step {})\n", i + 1, report.checkpoint.display(), report.step));
+    }
+    out
 }
 
 /// Formats the parameter counts of a model config as a table.

@@ -111,28 +111,32 @@ pub struct EvalResult {
     pub unigram_perplexity: Option<f64>,
 }
 
+/// How evaluation windows are laid over a set.
+#[derive(Debug, Clone)]
+pub struct EvalWindow {
+    pub seq_len: usize,
+    /// Window start spacing: `seq_len` for non-overlapping windows, less to slide.
+    pub stride: usize,
+    pub batch_size: usize,
+    /// Score only the first this many targets.
+    pub max_tokens: Option<u64>,
+}
+
 /// Scores `set` with `model`: every token after the first, or the first
 /// `max_tokens` targets, each exactly once.
-pub fn evaluate(
-    model: &DagMoeModel,
-    set: &EvalSet,
-    seq_len: usize,
-    batch_size: usize,
-    max_tokens: Option<u64>,
-    unigram: Option<&Unigram>,
-    device: &Device,
-) -> EvalResult {
+pub fn evaluate(model: &DagMoeModel, set: &EvalSet, window: &EvalWindow, unigram: Option<&Unigram>, device: &Device) -> EvalResult {
     let mut nll = 0.0;
     let mut tokens = 0u64;
     let mut unigram_nll = 0.0;
-    for batch in EvalBatches::new(&set.stream, seq_len, batch_size, max_tokens) {
+    let batches = EvalBatches::new(&set.stream, window.seq_len, window.stride, window.batch_size, window.max_tokens);
+    for batch in batches {
         let (inputs, targets, mask) = batch_tensors(&batch, device);
         let nll_bt = token_nll(model.forward(inputs).logits_btv, targets);
         nll += nll_bt.mul(mask).sum().into_scalar::<f32>() as f64;
         tokens += batch.target_count() as u64;
         if let Some(unigram) = unigram {
-            for (row, &count) in batch.tokens.chunks(seq_len + 1).zip(&batch.target_lengths) {
-                unigram_nll += row[1..=count].iter().map(|&t| unigram.nll(t)).sum::<f64>();
+            for row in 0..batch.rows {
+                unigram_nll += batch.scored_targets(row).iter().map(|&t| unigram.nll(t)).sum::<f64>();
             }
         }
     }
@@ -160,7 +164,8 @@ pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<
     let mask: Vec<f32> = batch
         .target_lengths
         .iter()
-        .flat_map(|&count| (0..batch.seq_len).map(move |i| if i < count { 1.0 } else { 0.0 }))
+        .zip(&batch.score_from)
+        .flat_map(|(&count, &from)| (0..batch.seq_len).map(move |i| if (from..count).contains(&i) { 1.0 } else { 0.0 }))
         .collect();
     let mask = Tensor::<2>::from_data(TensorData::new(mask, [batch.rows, batch.seq_len]), device);
     (inputs, targets, mask)

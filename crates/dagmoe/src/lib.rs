@@ -7,6 +7,7 @@ pub mod commands;
 pub mod config;
 pub mod error;
 pub mod eval;
+pub mod generate;
 pub mod metrics;
 pub mod optim;
 pub mod params;

@@ -56,11 +56,11 @@ enum Command {
         #[arg(long, requires = "resume")]
         allow_config_change: bool,
     },
-    /// Report token-weighted perplexity of a checkpoint on held-out sets.
+    /// Report token-weighted perplexity of checkpoints on held-out sets.
     Eval {
-        /// Checkpoint directory.
-        #[arg(long)]
-        checkpoint: PathBuf,
+        /// Checkpoint directory (repeatable: several give a side-by-side table).
+        #[arg(long = "checkpoint", required = true)]
+        checkpoints: Vec<PathBuf>,
         /// Evaluation set as NAME=PREPARED_DIR (repeatable); defaults to the checkpoint's data.valid.
         #[arg(long = "data", value_name = "NAME=DIR")]
         sets: Vec<String>,
@@ -70,9 +70,42 @@ enum Command {
         /// Device to evaluate on; defaults to the checkpoint's train.device.
         #[arg(long)]
         device: Option<String>,
-        /// JSON report path; defaults to <checkpoint>/eval.json.
+        /// Slide windows by this many tokens so each scored token has more context; defaults to seq_len (no overlap).
+        #[arg(long)]
+        stride: Option<usize>,
+        /// Sequences per batch; defaults to the checkpoint's train.eval_batch_size.
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// JSON report path; defaults to <checkpoint>/eval.json for one checkpoint.
+        /// With several checkpoints each gets its own eval.json, and this path gets all reports.
         #[arg(long)]
         output: Option<PathBuf>,
+    },
+    /// Generate text from a checkpoint, for sanity checks.
+    Generate {
+        /// Checkpoint directory.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Text to continue.
+        #[arg(long)]
+        prompt: String,
+        /// Maximum new tokens; generation also stops at the EOS token.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Softmax temperature; 0 is greedy decoding.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f64,
+        /// Sample among the K most likely tokens only; 0 disables the filter.
+        #[arg(long, default_value_t = 50)]
+        top_k: usize,
+        /// Sample among the most likely tokens whose probabilities add up to P; 1 disables the filter.
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Device to run on; defaults to the checkpoint's train.device.
+        #[arg(long)]
+        device: Option<String>,
     },
     /// Print parameter counts of a config.
     Params {
@@ -179,20 +212,40 @@ fn run(cli: Cli) -> Result<()> {
             install_interrupt_handler()?;
             print_summary(&dagmoe::train(config, start)?);
         }
-        Command::Eval { checkpoint, sets, eval_tokens, device, output } => {
+        Command::Eval { checkpoints, sets, eval_tokens, device, stride, batch_size, output } => {
             let sets = sets.iter().map(|s| parse_named_path(s)).collect::<Result<Vec<_>>>()?;
             for (i, (name, _)) in sets.iter().enumerate() {
                 if sets[..i].iter().any(|(other, _)| other == name) {
                     return Err(Error::Usage(format!("--data name {name:?} is given twice; give each set its own name")));
                 }
             }
-            let output = output.unwrap_or_else(|| checkpoint.join("eval.json"));
-            commands::check_report_path(&output)?;
-            let report = commands::run_eval(&EvalOptions { checkpoint, sets, eval_tokens, device })?;
-            print!("{}", format_table(&report.results));
-            let json = serde_json::to_string_pretty(&report).expect("the eval report serializes");
-            std::fs::write(&output, json).map_err(|e| Error::Io { action: "write", path: output.clone(), source: e })?;
-            println!("report: {}", output.display());
+            let mut reports = Vec::new();
+            for checkpoint in checkpoints {
+                let own_output = checkpoint.join("eval.json");
+                commands::check_report_path(&own_output)?;
+                if let Some(path) = &output {
+                    commands::check_report_path(path)?;
+                }
+                let options = EvalOptions { checkpoint, sets: sets.clone(), eval_tokens, device: device.clone(), stride, batch_size };
+                let report = commands::run_eval(&options)?;
+                println!("{}", report.checkpoint.display());
+                print!("{}", format_table(&report.results));
+                write_json(&own_output, &report)?;
+                reports.push(report);
+            }
+            if reports.len() > 1 {
+                print!("{}", commands::comparison_table(&reports));
+            }
+            match (&output, reports.as_slice()) {
+                (Some(path), [report]) => write_json(path, report)?,
+                (Some(path), _) => write_json(path, &reports)?,
+                (None, _) => {}
+            }
+        }
+        Command::Generate { checkpoint, prompt, max_tokens, temperature, top_k, top_p, seed, device } => {
+            let options = dagmoe::generate::SamplingOptions { max_tokens, temperature, top_k, top_p, seed };
+            let text = commands::run_generate(&checkpoint, &prompt, &options, device.as_deref())?;
+            println!("{prompt}{text}");
         }
         Command::Params { config, overrides } => {
             let config = dagmoe::load_config(&config, &overrides)?;
@@ -221,6 +274,13 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
+    let json = serde_json::to_string_pretty(value).expect("reports serialize");
+    std::fs::write(path, json).map_err(|e| Error::Io { action: "write", path: path.to_path_buf(), source: e })?;
+    println!("report: {}", path.display());
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::eval::{DataIdentity, EvalResult, EvalSet, Unigram, batch_tensors, check_manifest, evaluate, open_eval_set};
+use crate::eval::{DataIdentity, EvalResult, EvalSet, EvalWindow, Unigram, batch_tensors, check_manifest, evaluate, open_eval_set};
 use crate::metrics::{MetricsWriter, StepMetrics, trim_metrics_after};
 use crate::optim::{AdamW, clip_scale, global_norm, learning_rate};
 use crate::params::{GradientCollector, ParamUpdater};
@@ -471,18 +471,15 @@ impl Trainer {
     fn evaluate_all(&mut self) -> Result<Vec<EvalResult>> {
         let model = self.model.valid();
         let device = self.device.clone().inner();
-        let max_tokens = (self.config.data.eval_tokens > 0).then_some(self.config.data.eval_tokens);
+        let window = EvalWindow {
+            seq_len: self.config.data.seq_len,
+            stride: self.config.data.seq_len,
+            batch_size: self.config.train.eval_batch_size,
+            max_tokens: (self.config.data.eval_tokens > 0).then_some(self.config.data.eval_tokens),
+        };
         let mut results = Vec::new();
         for set in &self.eval_sets {
-            let result = evaluate(
-                &model,
-                set,
-                self.config.data.seq_len,
-                self.config.train.eval_batch_size,
-                max_tokens,
-                Some(&self.unigram),
-                &device,
-            );
+            let result = evaluate(&model, set, &window, Some(&self.unigram), &device);
             tracing::info!(
                 set = %result.set,
                 step = self.state.step,

@@ -57,6 +57,8 @@ fn checkpoint_reloads_to_the_same_perplexity() {
         sets: Vec::new(),
         eval_tokens: None,
         device: None,
+        stride: None,
+        batch_size: None,
     })
     .unwrap();
     let during = &summary.eval[0];
@@ -76,6 +78,8 @@ fn eval_on_flex_matches_libtorch() {
             sets: Vec::new(),
             eval_tokens: Some(512),
             device: Some(device.into()),
+            stride: None,
+            batch_size: None,
         };
         commands::run_eval(&options).unwrap().results[0].nll
     };
@@ -200,4 +204,64 @@ fn cli_params_prints_counts() {
     assert!(output.status.success());
     assert!(stdout.contains("total"), "{stdout}");
     assert!(stdout.contains("dag"), "{stdout}");
+}
+
+#[test]
+fn uniform_model_perplexity_equals_vocab_size() {
+    use burn::module::Module;
+    use dagmoe::eval::{DataIdentity, EvalWindow, evaluate, open_eval_set};
+    use dagmoe::params::ParamUpdater;
+
+    let fixture = Fixture::new();
+    let summary = train(fixture.config("tiny-dagmoe", "run", &["train.steps=5"]), Start::Scratch).unwrap();
+    let checkpoint = Checkpoint::open(&summary.checkpoint).unwrap();
+    let device = dagmoe_model::parse_device("cpu").unwrap().autodiff();
+    // Zero weights give zero logits: a uniform distribution, whose perplexity is the vocabulary size.
+    let mut zero = ParamUpdater::new(|_: &str, _: &[usize], value: burn::tensor::Tensor<1>| Some(value.zeros_like()));
+    let model = checkpoint.load_model(&device).unwrap().map(&mut zero).valid();
+    let identity = DataIdentity { vocab_size: 512, tokenizer_sha256: checkpoint.state.tokenizer_sha256.clone() };
+    let set = open_eval_set("fixture", &fixture.path("prepared"), &identity).unwrap();
+    let window = EvalWindow { seq_len: 32, stride: 32, batch_size: 5, max_tokens: None };
+    let result = evaluate(&model, &set, &window, None, &device.inner());
+    assert!((result.perplexity - 512.0).abs() < 1e-2, "perplexity {}", result.perplexity);
+    assert_eq!(result.tokens, set.stream.len() - 1);
+}
+
+#[test]
+fn eval_is_invariant_to_batching() {
+    let fixture = Fixture::new();
+    let summary = train(fixture.config("tiny-moe", "run", &["train.steps=5"]), Start::Scratch).unwrap();
+    let eval = |batch_size: usize, stride: Option<usize>| {
+        let options = EvalOptions {
+            checkpoint: summary.checkpoint.clone(),
+            sets: Vec::new(),
+            eval_tokens: Some(1000),
+            device: None,
+            stride,
+            batch_size: Some(batch_size),
+        };
+        commands::run_eval(&options).unwrap().results.remove(0)
+    };
+    let reference = eval(8, None);
+    assert_eq!(reference.tokens, 1000);
+    for batch_size in [1, 3, 7, 40] {
+        let result = eval(batch_size, None);
+        assert_eq!(result.tokens, reference.tokens, "batch size {batch_size}");
+        assert!((result.nll - reference.nll).abs() < 1e-4 * reference.nll, "batch size {batch_size}: {} vs {}", result.nll, reference.nll);
+    }
+    let sliding = eval(4, Some(8));
+    assert_eq!(sliding.tokens, reference.tokens, "a sliding evaluation scores each token once");
+}
+
+#[test]
+fn generate_is_seeded_and_stops() {
+    let fixture = Fixture::new();
+    let summary = train(fixture.config("tiny-dagmoe", "run", &["train.steps=5"]), Start::Scratch).unwrap();
+    let options = dagmoe::generate::SamplingOptions { max_tokens: 12, temperature: 0.8, top_k: 20, top_p: 0.9, seed: 4 };
+    let first = commands::run_generate(&summary.checkpoint, "The kernel", &options, None).unwrap();
+    let again = commands::run_generate(&summary.checkpoint, "The kernel", &options, None).unwrap();
+    assert_eq!(first, again, "the same seed gives the same text");
+    assert!(!first.is_empty());
+    let bad = dagmoe::generate::SamplingOptions { top_p: 0.0, ..options };
+    assert!(commands::run_generate(&summary.checkpoint, "x", &bad, None).is_err());
 }
