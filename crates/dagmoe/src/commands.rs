@@ -13,6 +13,7 @@ use crate::config::{RunConfig, parse_config};
 use crate::error::{Error, Result};
 use crate::eval::{DataIdentity, EvalResult, EvalWindow, Unigram, evaluate, open_eval_set};
 use crate::generate::{SamplingOptions, generate};
+use crate::tasks::{TaskResult, load_task, score_task};
 use crate::train::set_threads;
 
 /// Trains a byte-level BPE tokenizer on the documents under `input`.
@@ -124,6 +125,7 @@ pub struct EvalReport {
     pub checkpoint: PathBuf,
     pub step: u64,
     pub results: Vec<EvalResult>,
+    pub tasks: Vec<TaskResult>,
 }
 
 /// Options of `dagmoe eval`.
@@ -139,6 +141,8 @@ pub struct EvalOptions {
     pub stride: Option<usize>,
     /// Sequences per batch; `None` uses the checkpoint's `train.eval_batch_size`.
     pub batch_size: Option<usize>,
+    /// Named multiple-choice task files; empty uses the checkpoint's `data.tasks`.
+    pub tasks: Vec<(String, PathBuf)>,
 }
 
 /// Scores a checkpoint on each set.
@@ -160,8 +164,15 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
     } else {
         options.sets.clone()
     };
-    if sets.is_empty() {
-        return Err(Error::Usage("no evaluation sets: pass --data NAME=DIR or set data.valid in the config".into()));
+    let tasks: Vec<(String, PathBuf)> = if options.tasks.is_empty() {
+        config.data.tasks.iter().map(|(name, path)| (name.clone(), path.clone())).collect()
+    } else {
+        options.tasks.clone()
+    };
+    if sets.is_empty() && tasks.is_empty() {
+        return Err(Error::Usage(
+            "nothing to evaluate: pass --data NAME=DIR or --task NAME=FILE, or set data.valid in the config".into(),
+        ));
     }
     // The unigram baseline needs the training split; it is skipped when that data is gone.
     let unigram = dagmoe_data::Manifest::load(&config.data.train)
@@ -192,7 +203,28 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
         let result = evaluate(&model, &set, &window, unigram.as_ref(), &device);
         results.push(result);
     }
-    Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, results })
+    let mut task_results = Vec::new();
+    if !tasks.is_empty() {
+        let tokenizer = checkpoint_tokenizer(&checkpoint)?;
+        for (name, path) in &tasks {
+            task_results.push(score_task(name, &load_task(path)?, &model, &tokenizer, &device)?);
+        }
+    }
+    Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, results, tasks: task_results })
+}
+
+/// Loads the tokenizer a checkpoint was trained with, checking its hash.
+fn checkpoint_tokenizer(checkpoint: &Checkpoint) -> Result<TextTokenizer> {
+    let path = &checkpoint.config.data.tokenizer;
+    let tokenizer = TextTokenizer::load(path)?;
+    if tokenizer.sha256() != checkpoint.state.tokenizer_sha256 {
+        return Err(Error::Config(format!(
+            "the tokenizer {} is not the one checkpoint {} was trained with; restore it",
+            path.display(),
+            checkpoint.dir.display()
+        )));
+    }
+    Ok(tokenizer)
 }
 
 /// Rejects an eval report path that contains a file other than an earlier eval
@@ -222,14 +254,7 @@ pub fn run_generate(checkpoint_dir: &Path, prompt: &str, options: &SamplingOptio
     set_threads(config.train.threads);
     let device = parse_device(device.unwrap_or(&config.train.device)).map_err(Error::Usage)?.autodiff();
     let model = checkpoint.load_model(&device)?.valid();
-    let tokenizer = TextTokenizer::load(&config.data.tokenizer)?;
-    if tokenizer.sha256() != checkpoint.state.tokenizer_sha256 {
-        return Err(Error::Config(format!(
-            "the tokenizer {} is not the one checkpoint {} was trained with; restore it",
-            config.data.tokenizer.display(),
-            checkpoint_dir.display()
-        )));
-    }
+    let tokenizer = checkpoint_tokenizer(&checkpoint)?;
     generate(&model, &tokenizer, prompt, options, &device.inner())
 }
 

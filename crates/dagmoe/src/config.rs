@@ -34,6 +34,9 @@ pub struct DataConfig {
     /// Maximum tokens scored per evaluation set; 0 scores the whole split.
     #[serde(default)]
     pub eval_tokens: u64,
+    /// Named multiple-choice task files (JSONL), scored at every evaluation.
+    #[serde(default)]
+    pub tasks: BTreeMap<String, PathBuf>,
 }
 
 /// `[train]`

@@ -171,7 +171,16 @@ pub fn batch_tensors(batch: &Batch, device: &Device) -> (Tensor<2, Int>, Tensor<
     (inputs, targets, mask)
 }
 
-/// Prints results as an aligned table.
+/// Formats multiple-choice task results as an aligned table.
+pub fn format_task_table(results: &[crate::tasks::TaskResult]) -> String {
+    let mut out = format!("{:<16} {:>8} {:>10} {:>14}\n", "task", "items", "accuracy", "accuracy_norm");
+    for r in results {
+        out.push_str(&format!("{:<16} {:>8} {:>10.4} {:>14.4}\n", r.task, r.items, r.accuracy, r.accuracy_norm));
+    }
+    out
+}
+
+/// Formats perplexity results as an aligned table.
 pub fn format_table(results: &[EvalResult]) -> String {
     let mut out = format!("{:<16} {:>10} {:>8} {:>10} {:>8} {:>12}\n", "set", "tokens", "loss", "perplexity", "bpb", "unigram ppl");
     for r in results {

@@ -3,6 +3,7 @@
 //! functions here; tests call them directly.
 
 pub mod checkpoint;
+pub mod cloze;
 pub mod commands;
 pub mod config;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod resume;
+pub mod tasks;
 pub mod train;
 
 pub use config::{RunConfig, load_config, parse_config};

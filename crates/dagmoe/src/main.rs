@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use dagmoe::commands::{self, EvalOptions};
-use dagmoe::eval::format_table;
+use dagmoe::eval::{format_table, format_task_table};
 use dagmoe::train::install_interrupt_handler;
 use dagmoe::{Error, Result, Start};
 use dagmoe_data::PrepareOptions;
@@ -64,6 +64,9 @@ enum Command {
         /// Evaluation set as NAME=PREPARED_DIR (repeatable); defaults to the checkpoint's data.valid.
         #[arg(long = "data", value_name = "NAME=DIR")]
         sets: Vec<String>,
+        /// Multiple-choice task as NAME=FILE.jsonl (repeatable); defaults to the checkpoint's data.tasks.
+        #[arg(long = "task", value_name = "NAME=FILE")]
+        tasks: Vec<String>,
         /// Maximum tokens scored per set; 0 scores the whole validation split.
         #[arg(long)]
         eval_tokens: Option<u64>,
@@ -137,6 +140,26 @@ enum DataCommand {
         /// Output path of the tokenizer.json file.
         #[arg(long)]
         output: PathBuf,
+    },
+    /// Build a multiple-choice cloze task (JSONL) from held-out documents of a corpus.
+    MakeCloze {
+        /// Corpus file or directory, as given to `data prepare`.
+        #[arg(long)]
+        input: PathBuf,
+        /// Task file to write; must not exist.
+        #[arg(long)]
+        output: PathBuf,
+        /// Items to build at most.
+        #[arg(long, default_value_t = 200)]
+        items: usize,
+        /// Choices per item, the correct one included.
+        #[arg(long, default_value_t = 4)]
+        choices: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The --valid-fraction the corpus was prepared with; only its held-out documents are used.
+        #[arg(long, default_value_t = 0.05)]
+        valid_fraction: f64,
     },
     /// Tokenize a corpus into binary shards with a manifest and a train/valid split.
     Prepare {
@@ -212,13 +235,9 @@ fn run(cli: Cli) -> Result<()> {
             install_interrupt_handler()?;
             print_summary(&dagmoe::train(config, start)?);
         }
-        Command::Eval { checkpoints, sets, eval_tokens, device, stride, batch_size, output } => {
-            let sets = sets.iter().map(|s| parse_named_path(s)).collect::<Result<Vec<_>>>()?;
-            for (i, (name, _)) in sets.iter().enumerate() {
-                if sets[..i].iter().any(|(other, _)| other == name) {
-                    return Err(Error::Usage(format!("--data name {name:?} is given twice; give each set its own name")));
-                }
-            }
+        Command::Eval { checkpoints, sets, tasks, eval_tokens, device, stride, batch_size, output } => {
+            let sets = parse_named_paths("--data", &sets)?;
+            let tasks = parse_named_paths("--task", &tasks)?;
             let mut reports = Vec::new();
             for checkpoint in checkpoints {
                 let own_output = checkpoint.join("eval.json");
@@ -226,10 +245,23 @@ fn run(cli: Cli) -> Result<()> {
                 if let Some(path) = &output {
                     commands::check_report_path(path)?;
                 }
-                let options = EvalOptions { checkpoint, sets: sets.clone(), eval_tokens, device: device.clone(), stride, batch_size };
+                let options = EvalOptions {
+                    checkpoint,
+                    sets: sets.clone(),
+                    eval_tokens,
+                    device: device.clone(),
+                    stride,
+                    batch_size,
+                    tasks: tasks.clone(),
+                };
                 let report = commands::run_eval(&options)?;
                 println!("{}", report.checkpoint.display());
-                print!("{}", format_table(&report.results));
+                if !report.results.is_empty() {
+                    print!("{}", format_table(&report.results));
+                }
+                if !report.tasks.is_empty() {
+                    print!("{}", format_task_table(&report.tasks));
+                }
                 write_json(&own_output, &report)?;
                 reports.push(report);
             }
@@ -259,6 +291,16 @@ fn run(cli: Cli) -> Result<()> {
             };
             println!("tokenizer: {} ({} entries, sha256 {})", output.display(), tokenizer.vocab_size(), tokenizer.sha256());
         }
+        Command::Data(DataCommand::MakeCloze { input, output, items, choices, seed, valid_fraction }) => {
+            if output.exists() {
+                return Err(Error::Usage(format!("{} already exists; delete it or pass another --output", output.display())));
+            }
+            let options = dagmoe::cloze::ClozeOptions { items, choices, seed, valid_fraction };
+            let built = dagmoe::cloze::make_cloze(&input, &options)?;
+            let lines: String = built.iter().map(|item| serde_json::to_string(item).expect("items serialize") + "\n").collect();
+            std::fs::write(&output, lines).map_err(|e| Error::Io { action: "write", path: output.clone(), source: e })?;
+            println!("cloze task: {} ({} items, {} choices each)", output.display(), built.len(), choices);
+        }
         Command::Data(DataCommand::Prepare { input, tokenizer, output, valid_fraction, shard_tokens }) => {
             let options = PrepareOptions { input, output, valid_fraction, shard_tokens, batch_documents: 256 };
             let summary = commands::prepare(&tokenizer, &options)?;
@@ -284,11 +326,24 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> Result<(
     Ok(())
 }
 
-fn parse_named_path(value: &str) -> Result<(String, PathBuf)> {
-    match value.split_once('=') {
-        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
-        _ => Err(Error::Usage(format!("invalid --data {value:?}: write it as NAME=DIR, for example kernel-docs=data/prepared/kernel-docs"))),
+/// Parses repeated `NAME=PATH` values of `flag`, rejecting malformed and duplicate names.
+fn parse_named_paths(flag: &str, values: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let mut parsed: Vec<(String, PathBuf)> = Vec::new();
+    for value in values {
+        let (name, path) = match value.split_once('=') {
+            Some((name, path)) if !name.is_empty() && !path.is_empty() => (name.to_string(), PathBuf::from(path)),
+            _ => {
+                return Err(Error::Usage(format!(
+                    "invalid {flag} {value:?}: write it as NAME=PATH, for example kernel-docs=data/prepared/kernel-docs"
+                )));
+            }
+        };
+        if parsed.iter().any(|(other, _)| *other == name) {
+            return Err(Error::Usage(format!("{flag} name {name:?} is given twice; give each its own name")));
+        }
+        parsed.push((name, path));
     }
+    Ok(parsed)
 }
 
 fn print_summary(summary: &dagmoe::RunSummary) {

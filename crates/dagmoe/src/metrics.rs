@@ -70,6 +70,12 @@ struct EvalRecord<'a> {
     eval: &'a EvalResult,
 }
 
+#[derive(Serialize)]
+struct TaskRecord<'a> {
+    step: u64,
+    task: &'a crate::tasks::TaskResult,
+}
+
 /// Appends records to a JSONL file, flushing after each so a killed run keeps its history.
 pub struct MetricsWriter {
     file: BufWriter<File>,
@@ -92,6 +98,10 @@ impl MetricsWriter {
 
     pub fn write_eval(&mut self, step: u64, result: &EvalResult) -> Result<()> {
         self.write_line(&EvalRecord { step, eval: result })
+    }
+
+    pub fn write_task(&mut self, step: u64, result: &crate::tasks::TaskResult) -> Result<()> {
+        self.write_line(&TaskRecord { step, task: result })
     }
 
     fn write_line(&mut self, record: &impl Serialize) -> Result<()> {

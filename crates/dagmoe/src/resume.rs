@@ -7,6 +7,7 @@ use crate::config::RunConfig;
 /// with another thread count, so bit-identical resumes need the same count.
 const RESULT_NEUTRAL_KEYS: &[&str] = &[
     "data.valid",
+    "data.tasks",
     "train.out_dir",
     "data.eval_tokens",
     "train.log_every",

@@ -22,6 +22,7 @@ use crate::metrics::{MetricsWriter, StepMetrics, trim_metrics_after};
 use crate::optim::{AdamW, clip_scale, global_norm, learning_rate};
 use crate::params::{GradientCollector, ParamUpdater};
 use crate::resume::config_differences;
+use crate::tasks::{ChoiceItem, TaskResult, load_task, score_task};
 
 /// Summary of a finished run, also written to `<out_dir>/run.json`.
 #[derive(Debug, Clone, Serialize)]
@@ -38,6 +39,15 @@ pub struct RunSummary {
     pub params_total: usize,
     pub params_active_per_token: usize,
     pub eval: Vec<EvalResult>,
+    pub tasks: Vec<TaskResult>,
+    /// Checkpoint whose weights a fine-tuning run started from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
+    /// Evaluation of those starting weights, before the first step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_before: Option<Vec<EvalResult>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tasks_before: Option<Vec<TaskResult>>,
 }
 
 /// Source of a run's initial state.
@@ -91,6 +101,9 @@ struct Trainer {
     metrics: MetricsWriter,
     out_dir: PathBuf,
     last_checkpoint: Option<PathBuf>,
+    tokenizer: TextTokenizer,
+    tasks: Vec<(String, Vec<ChoiceItem>)>,
+    init_from: Option<PathBuf>,
 }
 
 /// Gradients of one optimizer step, summed over its micro-batches, with the
@@ -218,6 +231,12 @@ impl Trainer {
             .iter()
             .map(|(name, dir)| open_eval_set(name, dir, &identity))
             .collect::<Result<Vec<_>>>()?;
+        let tasks = config
+            .data
+            .tasks
+            .iter()
+            .map(|(name, path)| Ok((name.clone(), load_task(path)?)))
+            .collect::<Result<Vec<_>>>()?;
 
         let out_dir = config.train.out_dir.clone();
         let resume_from = match &start {
@@ -277,8 +296,15 @@ impl Trainer {
             }
             _ => DagMoeModel::new(&config.model, config.data.seq_len, &device).map_err(|e| Error::Config(e.to_string()))?,
         };
+        let init_from = match &start {
+            Start::Weights(dir) => Some(dir.clone()),
+            _ => None,
+        };
         Ok(Self {
             metrics: MetricsWriter::create(&out_dir.join("metrics.jsonl"))?,
+            tokenizer,
+            tasks,
+            init_from,
             last_checkpoint: resume_from.map(|c| c.dir),
             config,
             device,
@@ -304,6 +330,13 @@ impl Trainer {
             "training started"
         );
 
+        let (eval_before, tasks_before) = match &self.init_from {
+            Some(_) if self.state.step == 0 => {
+                let (results, tasks) = self.evaluate_all()?;
+                (Some(results), Some(tasks))
+            }
+            _ => (None, None),
+        };
         let first_step = self.state.step;
         let mut timed = Duration::ZERO;
         let mut timed_tokens = 0u64;
@@ -341,7 +374,7 @@ impl Trainer {
         }
         progress.finish_and_clear();
 
-        let eval = self.evaluate_all()?;
+        let (eval, tasks) = self.evaluate_all()?;
         let checkpoint = match &self.last_checkpoint {
             Some(dir) if crate::checkpoint::checkpoint_step(dir) == Some(self.state.step) => dir.clone(),
             _ => self.save()?,
@@ -357,6 +390,10 @@ impl Trainer {
             params_total: counts.total,
             params_active_per_token: counts.active_per_token,
             eval,
+            tasks,
+            init_from: self.init_from.clone(),
+            eval_before,
+            tasks_before,
         };
         let path = self.out_dir.join("run.json");
         let json = serde_json::to_string_pretty(&summary).expect("run summary serializes");
@@ -468,7 +505,8 @@ impl Trainer {
         self.metrics.write(&metrics)
     }
 
-    fn evaluate_all(&mut self) -> Result<Vec<EvalResult>> {
+    /// Evaluates the held-out sets and the multiple-choice tasks.
+    fn evaluate_all(&mut self) -> Result<(Vec<EvalResult>, Vec<TaskResult>)> {
         let model = self.model.valid();
         let device = self.device.clone().inner();
         let window = EvalWindow {
@@ -491,7 +529,14 @@ impl Trainer {
             self.metrics.write_eval(self.state.step, &result)?;
             results.push(result);
         }
-        Ok(results)
+        let mut task_results = Vec::new();
+        for (name, items) in &self.tasks {
+            let result = score_task(name, items, &model, &self.tokenizer, &device)?;
+            tracing::info!(task = %name, step = self.state.step, "accuracy {:.4} (normalized {:.4})", result.accuracy, result.accuracy_norm);
+            self.metrics.write_task(self.state.step, &result)?;
+            task_results.push(result);
+        }
+        Ok((results, task_results))
     }
 
     fn save(&mut self) -> Result<PathBuf> {

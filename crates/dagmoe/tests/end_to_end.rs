@@ -59,6 +59,7 @@ fn checkpoint_reloads_to_the_same_perplexity() {
         device: None,
         stride: None,
         batch_size: None,
+        tasks: Vec::new(),
     })
     .unwrap();
     let during = &summary.eval[0];
@@ -80,6 +81,7 @@ fn eval_on_flex_matches_libtorch() {
             device: Some(device.into()),
             stride: None,
             batch_size: None,
+            tasks: Vec::new(),
         };
         commands::run_eval(&options).unwrap().results[0].nll
     };
@@ -239,6 +241,7 @@ fn eval_is_invariant_to_batching() {
             device: None,
             stride,
             batch_size: Some(batch_size),
+            tasks: Vec::new(),
         };
         commands::run_eval(&options).unwrap().results.remove(0)
     };
@@ -264,4 +267,60 @@ fn generate_is_seeded_and_stops() {
     assert!(!first.is_empty());
     let bad = dagmoe::generate::SamplingOptions { top_p: 0.0, ..options };
     assert!(commands::run_generate(&summary.checkpoint, "x", &bad, None).is_err());
+}
+
+#[test]
+fn cloze_task_is_seeded_and_scored() {
+    use dagmoe::cloze::{ClozeOptions, make_cloze};
+
+    let fixture = Fixture::new();
+    let sources = repo_path("data/fixtures/kernel-docs-sample/sources");
+    let options = ClozeOptions { items: 30, choices: 4, seed: 5, valid_fraction: 0.3 };
+    let items = make_cloze(&sources, &options).unwrap();
+    assert_eq!(items, make_cloze(&sources, &options).unwrap(), "the same seed builds the same task");
+    assert!(items.len() >= 20, "{} items", items.len());
+    for item in &items {
+        assert_eq!(item.choices.len(), 4);
+        assert!(item.answer < 4);
+    }
+    let task_file = fixture.path("cloze.jsonl");
+    let lines: String = items.iter().map(|item| serde_json::to_string(item).unwrap() + "\n").collect();
+    std::fs::write(&task_file, lines).unwrap();
+
+    let summary = train(fixture.config("tiny-dagmoe", "base", &[]), Start::Scratch).unwrap();
+    let options = EvalOptions {
+        checkpoint: summary.checkpoint.clone(),
+        sets: Vec::new(),
+        eval_tokens: None,
+        device: None,
+        stride: None,
+        batch_size: None,
+        tasks: vec![("cloze".into(), task_file.clone())],
+    };
+    let report = commands::run_eval(&options).unwrap();
+    assert_eq!(report.tasks.len(), 1);
+    let task = &report.tasks[0];
+    assert_eq!(task.items, items.len());
+    assert!((0.0..=1.0).contains(&task.accuracy));
+
+    // Fine-tuning with the task reports it before and after.
+    let finetune_file = fixture.path("finetune.toml");
+    let base = std::fs::read_to_string(repo_path("configs/tiny-dagmoe.toml")).unwrap();
+    std::fs::write(&finetune_file, format!("[data]{}", base.split("[data]").nth(1).unwrap())).unwrap();
+    let mut overrides = fixture.overrides("tuned", &["train.steps=5"]);
+    overrides.push(format!("data.tasks={{ cloze = {task_file:?} }}"));
+    let config = commands::finetune_config(&summary.checkpoint, &finetune_file, &overrides).unwrap();
+    let tuned = train(config, Start::Weights(summary.checkpoint.clone())).unwrap();
+    assert_eq!(tuned.tasks_before.as_ref().unwrap()[0].items, items.len());
+    assert_eq!(tuned.tasks[0].items, items.len());
+    assert_eq!(tuned.init_from.as_ref().unwrap(), &summary.checkpoint);
+}
+
+#[test]
+fn task_file_errors_name_the_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("task.jsonl");
+    std::fs::write(&path, "{\"context\": \"a\", \"choices\": [\"b\", \"c\"], \"answer\": 1}\n{\"context\": \"a\", \"choices\": [\"b\"], \"answer\": 0}\n").unwrap();
+    let error = dagmoe::tasks::load_task(&path).unwrap_err().to_string();
+    assert!(error.contains("task.jsonl:2"), "{error}");
 }
