@@ -9,6 +9,7 @@ pub mod loader;
 pub mod manifest;
 pub mod prepare;
 pub mod rng;
+pub mod sft;
 pub mod shard;
 pub mod tokenizer;
 
@@ -16,4 +17,5 @@ pub use error::{DataError, Result};
 pub use loader::{Batch, EvalBatches, LoaderCursor, TokenStream, TrainLoader};
 pub use manifest::{Manifest, ShardInfo, SplitInfo};
 pub use prepare::{PrepareOptions, PrepareSummary, prepare_corpus};
+pub use sft::{SftExample, SftLoader, load_sft};
 pub use tokenizer::{EOS_TOKEN, TextTokenizer, sha256_hex, train_bpe_tokenizer};

@@ -175,9 +175,12 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
         ));
     }
     // The unigram baseline needs the training split; it is skipped when that data is gone.
-    let unigram = dagmoe_data::Manifest::load(&config.data.train)
-        .ok()
-        .and_then(|manifest| TokenStream::open(&config.data.train, &manifest, Split::Train).ok())
+    let unigram = config
+        .data
+        .train
+        .as_ref()
+        .and_then(|dir| Some((dir, dagmoe_data::Manifest::load(dir).ok()?)))
+        .and_then(|(dir, manifest)| TokenStream::open(dir, &manifest, Split::Train).ok())
         .map(|stream| Unigram::fit(&stream, config.model.vocab_size));
     let limit = options.eval_tokens.unwrap_or(config.data.eval_tokens);
     let seq_len = config.data.seq_len;

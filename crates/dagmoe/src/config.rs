@@ -22,8 +22,14 @@ pub struct RunConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Prepared data directory (from `dagmoe data prepare`) whose train split is trained on.
-    pub train: PathBuf,
+    /// Prepared data directory (from `dagmoe data prepare`) whose train split
+    /// is trained on; exactly one of `train` and `sft` is set.
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    /// JSONL of prompt/response pairs or chats for supervised fine-tuning,
+    /// where only response tokens are scored.
+    #[serde(default)]
+    pub sft: Option<PathBuf>,
     /// Named evaluation sets: each a prepared directory whose valid split is scored.
     #[serde(default)]
     pub valid: BTreeMap<String, PathBuf>,
@@ -218,6 +224,11 @@ fn parse_value(raw: &str) -> toml::Value {
 /// Checks the values that serde cannot: ranges and relations between fields.
 pub fn validate(config: &RunConfig) -> std::result::Result<(), String> {
     config.model.validate().map_err(|e| e.to_string())?;
+    match (&config.data.train, &config.data.sft) {
+        (Some(_), Some(_)) => return Err("data.train and data.sft are both set: train on one of them".into()),
+        (None, None) => return Err("missing data.train (a prepared directory) or data.sft (a JSONL file); set one".into()),
+        _ => {}
+    }
     let train = &config.train;
     let positive = [
         ("data.seq_len", config.data.seq_len as f64),

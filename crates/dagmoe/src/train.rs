@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use dagmoe_data::manifest::Split;
-use dagmoe_data::{Batch, Manifest, TextTokenizer, TokenStream, TrainLoader};
+use dagmoe_data::{Batch, LoaderCursor, Manifest, SftLoader, TextTokenizer, TokenStream, TrainLoader, load_sft};
 use dagmoe_model::{DagMoeModel, ParamCounts, token_nll};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -94,10 +94,10 @@ struct Trainer {
     device: Device,
     model: DagMoeModel,
     optimizer: AdamW,
-    loader: TrainLoader,
+    loader: BatchSource,
     state: TrainerState,
     eval_sets: Vec<EvalSet>,
-    unigram: Unigram,
+    unigram: Option<Unigram>,
     metrics: MetricsWriter,
     out_dir: PathBuf,
     last_checkpoint: Option<PathBuf>,
@@ -207,24 +207,7 @@ impl Trainer {
             )));
         }
         let identity = DataIdentity { vocab_size: config.model.vocab_size, tokenizer_sha256: tokenizer.sha256().to_string() };
-        let manifest = Manifest::load(&config.data.train).map_err(|e| {
-            Error::Config(format!("data.train: {}; run `dagmoe data prepare` or fix the path", Error::with_causes(&e)))
-        })?;
-        check_manifest(&config.data.train, &manifest, &identity)?;
-        let stream = TokenStream::open(&config.data.train, &manifest, Split::Train)?;
-        let shard_checksums: Vec<&str> = manifest.train.shards.iter().map(|s| s.sha256.as_str()).collect();
-        let train_data_sha256 = dagmoe_data::sha256_hex(shard_checksums.join(",").as_bytes());
-        let unigram = Unigram::fit(&stream, config.model.vocab_size);
-        let mut loader = TrainLoader::new(stream, config.data.seq_len, config.train.batch_size, config.train.seed)?;
-        let step_windows = config.train.batch_size * config.train.grad_accum;
-        if step_windows > loader.windows() {
-            return Err(Error::Config(format!(
-                "train.batch_size * train.grad_accum = {step_windows} sequences exceed the {} sequences of data.seq_len = {} in the training split {}; lower train.batch_size",
-                loader.windows(),
-                config.data.seq_len,
-                config.data.train.display()
-            )));
-        }
+        let (mut loader, unigram, train_data_sha256) = open_training_data(&config, &tokenizer, &identity)?;
         let eval_sets = config
             .data
             .valid
@@ -326,7 +309,7 @@ impl Trainer {
             run_dir = %self.out_dir.display(),
             params = counts.total,
             active_params = counts.active_per_token,
-            windows = self.loader.windows(),
+            sequences_per_epoch = self.loader.len(),
             "training started"
         );
 
@@ -517,7 +500,7 @@ impl Trainer {
         };
         let mut results = Vec::new();
         for set in &self.eval_sets {
-            let result = evaluate(&model, set, &window, Some(&self.unigram), &device);
+            let result = evaluate(&model, set, &window, self.unigram.as_ref(), &device);
             tracing::info!(
                 set = %result.set,
                 step = self.state.step,
@@ -548,6 +531,85 @@ impl Trainer {
     }
 }
 
+/// Opens the training batches: windows of a prepared directory (`data.train`)
+/// or prompt-masked examples (`data.sft`). Also returns the unigram baseline
+/// of a prepared directory and a hash that identifies the training data.
+fn open_training_data(
+    config: &RunConfig,
+    tokenizer: &TextTokenizer,
+    identity: &DataIdentity,
+) -> Result<(BatchSource, Option<Unigram>, String)> {
+    let data = &config.data;
+    let train = &config.train;
+    let (source, unigram, sha256, origin) = match (&data.train, &data.sft) {
+        (Some(dir), _) => {
+            let manifest = Manifest::load(dir).map_err(|e| {
+                Error::Config(format!("data.train: {}; run `dagmoe data prepare` or fix the path", Error::with_causes(&e)))
+            })?;
+            check_manifest(dir, &manifest, identity)?;
+            let stream = TokenStream::open(dir, &manifest, Split::Train)?;
+            let shard_checksums: Vec<&str> = manifest.train.shards.iter().map(|s| s.sha256.as_str()).collect();
+            let sha256 = dagmoe_data::sha256_hex(shard_checksums.join(",").as_bytes());
+            let unigram = Unigram::fit(&stream, config.model.vocab_size);
+            let loader = TrainLoader::new(stream, data.seq_len, train.batch_size, train.seed)?;
+            (BatchSource::Windows(loader), Some(unigram), sha256, dir)
+        }
+        (None, Some(path)) => {
+            let examples = load_sft(path, tokenizer, data.seq_len)?;
+            let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
+            let loader = SftLoader::new(examples, data.seq_len, train.batch_size, train.seed);
+            (BatchSource::Examples(loader), None, dagmoe_data::sha256_hex(&bytes), path)
+        }
+        (None, None) => unreachable!("validation requires data.train or data.sft"),
+    };
+    let step_rows = train.batch_size * train.grad_accum;
+    if step_rows > source.len() {
+        return Err(Error::Config(format!(
+            "train.batch_size * train.grad_accum = {step_rows} sequences exceed the {} sequences of {}; lower train.batch_size",
+            source.len(),
+            origin.display()
+        )));
+    }
+    Ok((source, unigram, sha256))
+}
+
+/// Where training batches come from.
+enum BatchSource {
+    Windows(TrainLoader),
+    Examples(SftLoader),
+}
+
+impl BatchSource {
+    fn next_batch(&mut self) -> Batch {
+        match self {
+            BatchSource::Windows(loader) => loader.next_batch(),
+            BatchSource::Examples(loader) => loader.next_batch(),
+        }
+    }
+
+    fn cursor(&self) -> LoaderCursor {
+        match self {
+            BatchSource::Windows(loader) => loader.cursor(),
+            BatchSource::Examples(loader) => loader.cursor(),
+        }
+    }
+
+    fn restore(&mut self, cursor: LoaderCursor) {
+        match self {
+            BatchSource::Windows(loader) => loader.restore(cursor),
+            BatchSource::Examples(loader) => loader.restore(cursor),
+        }
+    }
+
+    /// Sequences per epoch.
+    fn len(&self) -> usize {
+        match self {
+            BatchSource::Windows(loader) => loader.windows(),
+            BatchSource::Examples(loader) => loader.examples(),
+        }
+    }
+}
+
 /// Opens the newest complete checkpoint of `out_dir` and checks that `config`
 /// and the data identity match the ones it was saved with.
 fn resume_checkpoint(
@@ -570,7 +632,7 @@ fn resume_checkpoint(
         differences.push("data.tokenizer (its content changed)".to_string());
     }
     if checkpoint.state.train_data_sha256 != train_data_sha256 {
-        differences.push("data.train (its shards changed)".to_string());
+        differences.push("data.train or data.sft (the training data changed)".to_string());
     }
     if !differences.is_empty() {
         if !allow_change {

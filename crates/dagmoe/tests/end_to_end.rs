@@ -324,3 +324,44 @@ fn task_file_errors_name_the_line() {
     let error = dagmoe::tasks::load_task(&path).unwrap_err().to_string();
     assert!(error.contains("task.jsonl:2"), "{error}");
 }
+
+#[test]
+fn supervised_finetune_scores_responses() {
+    let fixture = Fixture::new();
+    let summary = train(fixture.config("tiny-dagmoe", "base", &[]), Start::Scratch).unwrap();
+    // Real text pairs: each sentence of the fixture's first document asks for the next.
+    let text = std::fs::read_to_string(repo_path("data/fixtures/kernel-docs-sample/sources/1.Intro.rst.txt")).unwrap();
+    let sentences: Vec<&str> = text.split(". ").filter(|s| s.len() > 20).take(41).collect();
+    let mut lines = String::new();
+    for pair in sentences.windows(2) {
+        lines.push_str(&serde_json::json!({"prompt": pair[0], "response": pair[1]}).to_string());
+        lines.push('\n');
+    }
+    lines.push_str(&serde_json::json!({"messages": [
+        {"role": "user", "content": sentences[0]},
+        {"role": "assistant", "content": sentences[1]},
+    ]}).to_string());
+    lines.push('\n');
+    let sft_file = fixture.path("sft.jsonl");
+    std::fs::write(&sft_file, lines).unwrap();
+
+    let finetune_file = fixture.path("finetune.toml");
+    let base = std::fs::read_to_string(repo_path("configs/tiny-dagmoe.toml")).unwrap();
+    std::fs::write(&finetune_file, format!("[data]{}", base.split("[data]").nth(1).unwrap())).unwrap();
+    let mut overrides = fixture.overrides("sft", &["train.steps=12", "train.batch_size=4"]);
+    overrides.retain(|o| !o.starts_with("data.train="));
+    overrides.push(format!("data.sft={sft_file:?}"));
+    overrides.push("data.train=\"\"".into());
+    let error = commands::finetune_config(&summary.checkpoint, &finetune_file, &overrides).unwrap_err();
+    assert!(error.to_string().contains("both set"), "{error}");
+
+    // The tiny config names data.train; an SFT run replaces it with data.sft.
+    let without_train: String = base.lines().filter(|l| !l.starts_with("train = ")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&finetune_file, format!("[data]{}", without_train.split("[data]").nth(1).unwrap())).unwrap();
+    overrides.pop();
+    let config = commands::finetune_config(&summary.checkpoint, &finetune_file, &overrides).unwrap();
+    let tuned = train(config, Start::Weights(summary.checkpoint.clone())).unwrap();
+    let losses = logged_losses(&tuned.run_dir);
+    assert!(losses.iter().all(|l| l.is_finite()));
+    assert!(losses[losses.len() - 1] < losses[0], "SFT loss {losses:?}");
+}

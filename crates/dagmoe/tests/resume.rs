@@ -210,8 +210,9 @@ fn accumulation_averages_per_token() {
     let device = dagmoe_model::parse_device("cpu").unwrap().autodiff();
     device.seed(3);
     let model = DagMoeModel::new(&config.model, config.data.seq_len, &device).unwrap();
-    let manifest = dagmoe_data::Manifest::load(&config.data.train).unwrap();
-    let stream = || dagmoe_data::TokenStream::open(&config.data.train, &manifest, dagmoe_data::manifest::Split::Train).unwrap();
+    let train_dir = config.data.train.clone().unwrap();
+    let manifest = dagmoe_data::Manifest::load(&train_dir).unwrap();
+    let stream = || dagmoe_data::TokenStream::open(&train_dir, &manifest, dagmoe_data::manifest::Split::Train).unwrap();
 
     let mut whole = TrainLoader::new(stream(), config.data.seq_len, 4, 9).unwrap();
     let mut halves = TrainLoader::new(stream(), config.data.seq_len, 2, 9).unwrap();
