@@ -1,7 +1,7 @@
 //! `dagmoe data make-cloze`: a multiple-choice task built from held-out text.
 //!
 //! Each item takes two consecutive sentences of a held-out document as the
-//! context; the correct choice is the sentence that follows them, and the
+//! context. The correct choice is the sentence that follows them, and the
 //! distractors are sentences drawn from other held-out documents.
 
 use std::path::Path;

@@ -8,7 +8,7 @@ use dagmoe_model::DagMoeModel;
 
 use crate::error::{Error, Result};
 
-/// How the next token is chosen.
+/// Settings of next-token selection.
 #[derive(Debug, Clone)]
 pub struct SamplingOptions {
     /// Tokens to generate at most; generation also stops at the EOS token.
@@ -36,8 +36,8 @@ impl SamplingOptions {
 
 /// Continues `prompt` and returns the generated text (without the prompt).
 ///
-/// Each token reruns the model on the last `max_len` tokens; there is no
-/// key/value cache, which is fine for the short samples this is meant for.
+/// Each token reruns the model on the last `max_len` tokens. There is no
+/// key/value cache, because the short samples this is meant for do not need one.
 pub fn generate(
     model: &DagMoeModel,
     tokenizer: &TextTokenizer,
@@ -68,7 +68,7 @@ pub fn generate(
     Ok(tokenizer.decode(&tokens[prompt_len..])?)
 }
 
-/// Picks a token id from `logits` as `options` says.
+/// Picks a token id from `logits` with the filters and temperature of `options`.
 pub fn sample(logits: &[f32], options: &SamplingOptions, rng: &mut SplitMix64) -> u32 {
     let argmax = || {
         logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i as u32).unwrap_or(0)

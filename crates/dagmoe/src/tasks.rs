@@ -1,7 +1,7 @@
 //! Multiple-choice tasks scored by log-likelihood, as lm-evaluation-harness
-//! does: each choice is scored by the summed log-probability of its tokens
-//! given the context; `accuracy_norm` divides that sum by the choice's length
-//! in bytes before comparing.
+//! does. Each choice is scored by the summed log-probability of its tokens
+//! given the context, and `accuracy_norm` divides that sum by the choice's
+//! length in bytes before comparing.
 
 use std::path::Path;
 
