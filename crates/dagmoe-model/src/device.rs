@@ -5,6 +5,17 @@ use burn::tensor::Device;
 /// Device names accepted in `train.device`.
 pub const DEVICE_NAMES: &str = "\"cpu\" (libtorch), \"cuda:N\" (libtorch on GPU N) or \"flex\" (pure Rust)";
 
+/// Checks the form of a device name without asking whether that device
+/// exists, so configs for other machines can be inspected anywhere.
+pub fn check_device_name(name: &str) -> Result<(), String> {
+    let valid = match name {
+        "cpu" => cfg!(feature = "tch"),
+        "flex" => cfg!(feature = "flex"),
+        _ => name.strip_prefix("cuda:").is_some_and(|index| index.parse::<usize>().is_ok()),
+    };
+    if valid { Ok(()) } else { Err(format!("unknown device {name:?}; use {DEVICE_NAMES}")) }
+}
+
 /// Returns the device named `name`, or an error naming the accepted values.
 pub fn parse_device(name: &str) -> Result<Device, String> {
     match name {

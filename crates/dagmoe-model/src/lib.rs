@@ -13,6 +13,6 @@ pub mod moe;
 mod tests;
 
 pub use config::{Aggregation, ConfigError, DagConfig, DagNorm, ModelConfig, MoeConfig};
-pub use device::parse_device;
+pub use device::{check_device_name, parse_device};
 pub use model::{DagMoeModel, ModelOutput, ParamCounts, RoutingStats, token_nll};
 pub use moe::Dispatch;

@@ -290,6 +290,25 @@ pub fn comparison_table(reports: &[EvalReport]) -> String {
     out
 }
 
+/// Shared-expert width that brings `baseline`'s total parameter count closest
+/// to `target`'s, and the remaining difference (baseline minus target).
+pub fn match_shared_expert(baseline: &RunConfig, target: &RunConfig) -> Result<(usize, i64)> {
+    let model = &baseline.model;
+    let layers = model.moe_layer_count();
+    let mut without_shared = model.clone();
+    without_shared.moe.shared_expert_hidden = 0;
+    let base = ParamCounts::of(&without_shared).total as i64;
+    let goal = ParamCounts::of(&target.model).total as i64;
+    let per_unit = (layers * 3 * model.d_model) as i64;
+    if goal < base {
+        return Err(Error::Usage(format!(
+            "the baseline without a shared expert already has {base} parameters, more than the {goal} of the target; shrink the baseline"
+        )));
+    }
+    let hidden = ((goal - base) as f64 / per_unit as f64).round() as usize;
+    Ok((hidden, base + hidden as i64 * per_unit - goal))
+}
+
 /// Formats the parameter counts of a model config as a table.
 pub fn params_table(config: &RunConfig) -> String {
     let counts = ParamCounts::of(&config.model);

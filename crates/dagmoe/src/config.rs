@@ -284,7 +284,7 @@ pub fn validate(config: &RunConfig) -> std::result::Result<(), String> {
             train.steps - train.warmup_steps
         ));
     }
-    dagmoe_model::parse_device(&train.device).map_err(|e| format!("invalid train.device: {e}"))?;
+    dagmoe_model::check_device_name(&train.device).map_err(|e| format!("invalid train.device: {e}"))?;
     Ok(())
 }
 

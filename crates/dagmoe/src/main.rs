@@ -115,6 +115,9 @@ enum Command {
         /// Run configuration whose [model] is counted.
         #[arg(long)]
         config: PathBuf,
+        /// Another config (a DAG-MoE model): solve the shared-expert width that makes --config match its parameter count.
+        #[arg(long = "match", value_name = "CONFIG")]
+        match_config: Option<PathBuf>,
         /// Override a config value, for example --set model.dag.depth=1 (repeatable).
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
@@ -279,9 +282,17 @@ fn run(cli: Cli) -> Result<()> {
             let text = commands::run_generate(&checkpoint, &prompt, &options, device.as_deref())?;
             println!("{prompt}{text}");
         }
-        Command::Params { config, overrides } => {
+        Command::Params { config, match_config, overrides } => {
             let config = dagmoe::load_config(&config, &overrides)?;
             print!("{}", commands::params_table(&config));
+            if let Some(target_path) = match_config {
+                let target = dagmoe::load_config(&target_path, &[])?;
+                let (hidden, difference) = commands::match_shared_expert(&config, &target)?;
+                println!(
+                    "match {}: model.moe.shared_expert_hidden = {hidden} leaves a difference of {difference:+} parameters",
+                    target_path.display()
+                );
+            }
         }
         Command::Data(DataCommand::Tokenizer { input, vocab_size, from, output }) => {
             let tokenizer = match (from, input) {
