@@ -79,26 +79,42 @@ def attention(x, w, prefix, cfg):
     return out.transpose(1, 2).reshape(b, t, d) @ w[prefix + ".wo"]
 
 
+def node_norm(nodes, w, prefix, cfg):
+    eps = cfg["norm_eps"]
+    if cfg["dag"]["norm"] == "layer-norm":
+        return F.layer_norm(nodes, nodes.shape[-1:], w[prefix + ".layer_norm.weight"], w[prefix + ".layer_norm.bias"], eps)
+    return rms_norm(nodes, w[prefix + ".rms_norm.weight"], eps)
+
+
 def dag_level(nodes, w, prefix, cfg):
-    """One DAG level in the concatenation form: e_ij = sigmoid([u_i; u_j] W_edge + b)."""
-    dag, eps = cfg["dag"], cfg["norm_eps"]
-    if dag["norm"] == "layer-norm":
-        normed = F.layer_norm(nodes, nodes.shape[-1:], w[prefix + ".layer_norm.weight"], w[prefix + ".layer_norm.bias"], eps)
-    else:
-        normed = rms_norm(nodes, w[prefix + ".rms_norm.weight"], eps)
-    u = normed @ w[prefix + ".w_down"]  # [t, k, g]
+    """One DAG level in the concatenation form: e_ij = sigmoid([u_i; u_j] W_edge + b),
+    a scalar or (with vector edge gates) a d_g vector per edge."""
+    u = node_norm(nodes, w, prefix, cfg) @ w[prefix + ".w_down"]  # [t, k, g]
     t, k, g = u.shape
     pairs = torch.cat([u[:, :, None, :].expand(t, k, k, g), u[:, None, :, :].expand(t, k, k, g)], dim=-1)
-    edges = torch.sigmoid(pairs @ w[prefix + ".w_edge"] + w[prefix + ".b_edge"])  # [t, k, k, 1]
+    edges = torch.sigmoid(pairs @ w[prefix + ".w_edge"] + w[prefix + ".b_edge"])  # [t, k, k, 1 or g]
     messages = (edges * (pairs @ w[prefix + ".w_node"])).sum(dim=2)  # sum over senders j
     return nodes + messages @ w[prefix + ".w_up"]
 
 
 def moe(x, w, prefix, cfg):
+    """An MoE layer; Chain-of-Experts runs several routing rounds x_{r+1} = x_r + y_r
+    with a router each and returns x_R - x_0."""
+    moe_cfg = cfg["moe"]
+    if moe_cfg["aggregation"] != "chain-of-experts":
+        return moe_round(x, w, prefix, prefix + ".router", cfg)
+    routers = [prefix + ".router"] + [f"{prefix}.round_routers.{r}" for r in range(moe_cfg.get("rounds", 2) - 1)]
+    state = x
+    for router in routers:
+        state = state + moe_round(state, w, prefix, router, cfg)
+    return state - x
+
+
+def moe_round(x, w, prefix, router, cfg):
     moe_cfg = cfg["moe"]
     t, d = x.shape
     k = moe_cfg["top_k"]
-    probs = torch.softmax((x @ w[prefix + ".router"]).float(), dim=-1)
+    probs = torch.softmax((x @ w[router]).float(), dim=-1)
     gates, experts = probs.topk(k, dim=-1)
     if moe_cfg.get("renormalize_gates", False):
         gates = gates / gates.sum(-1, keepdim=True)
@@ -115,6 +131,10 @@ def moe(x, w, prefix, cfg):
         for level in range(dag["depth"]):
             nodes = dag_level(nodes, w, f"{prefix}.dag.levels.{level}", cfg)
     y = nodes.sum(dim=1)
+    if moe_cfg["aggregation"] == "mlp-mix":
+        mix = prefix + ".mlp_mix"
+        u = node_norm(nodes, w, mix, cfg) @ w[mix + ".w_down"]
+        y = y + F.silu(u.sum(dim=1)) @ w[mix + ".w_up"]
     if moe_cfg.get("shared_expert_hidden", 0) > 0:
         y = y + swiglu(x, w, prefix + ".shared_expert")
     return y

@@ -10,15 +10,23 @@ pub enum Aggregation {
     WeightedSum,
     /// DAG aggregation of the K node outputs, `model.dag` sets its depth and width.
     Dag,
+    /// Chain-of-Experts: `model.moe.rounds` routing rounds in one layer, each
+    /// with its own router and re-routing the previous round's output.
+    ChainOfExperts,
+    /// The K node outputs mixed by an unstructured MLP through `model.dag.d_g`
+    /// (the paper's negative ablation).
+    MlpMix,
 }
 
-impl Aggregation {
-    pub fn name(self) -> &'static str {
-        match self {
-            Aggregation::WeightedSum => "weighted-sum",
-            Aggregation::Dag => "dag",
-        }
-    }
+/// Form of a DAG edge weight.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EdgeGate {
+    /// One scalar per edge: a learned K x K adjacency per token.
+    #[default]
+    Scalar,
+    /// A `d_g` vector per edge, gating each message channel.
+    Vector,
 }
 
 /// The normalization applied to each node before a DAG level's down-projection.
@@ -74,6 +82,9 @@ pub struct MoeConfig {
     /// Renormalize the K selected gates to sum to one.
     #[serde(default)]
     pub renormalize_gates: bool,
+    /// Routing rounds of the "chain-of-experts" aggregation.
+    #[serde(default = "default_rounds")]
+    pub rounds: usize,
     /// Coefficient of the load-balancing loss (averaged over MoE layers).
     #[serde(default = "default_lb_coef")]
     pub load_balance_coef: f64,
@@ -82,7 +93,8 @@ pub struct MoeConfig {
     pub z_loss_coef: f64,
 }
 
-/// `[model.dag]`: the DAG aggregation, used when `model.moe.aggregation = "dag"`.
+/// `[model.dag]`: the DAG aggregation, used when `model.moe.aggregation = "dag"`
+/// (`d_g` and `norm` also shape the "mlp-mix" ablation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DagConfig {
@@ -95,11 +107,20 @@ pub struct DagConfig {
     /// Scale the injected input by `1 / K` so the K copies add up to `x`.
     pub scale_injection: bool,
     pub norm: DagNorm,
+    #[serde(default)]
+    pub edge_gate: EdgeGate,
 }
 
 impl Default for DagConfig {
     fn default() -> Self {
-        Self { depth: 1, d_g: 64, inject_input: true, scale_injection: true, norm: DagNorm::LayerNorm }
+        Self {
+            depth: 1,
+            d_g: 64,
+            inject_input: true,
+            scale_injection: true,
+            norm: DagNorm::LayerNorm,
+            edge_gate: EdgeGate::Scalar,
+        }
     }
 }
 
@@ -111,6 +132,9 @@ fn default_norm_eps() -> f64 {
 }
 fn default_init_std() -> f64 {
     0.02
+}
+fn default_rounds() -> usize {
+    2
 }
 fn default_every() -> usize {
     1
@@ -186,7 +210,10 @@ impl ModelConfig {
         if self.rope_theta <= 0.0 {
             reject("model.rope_theta", self.rope_theta, "use a positive base such as 10000")?;
         }
-        if self.moe.aggregation == Aggregation::Dag && self.dag.d_g == 0 {
+        if self.moe.aggregation == Aggregation::ChainOfExperts && self.moe.rounds == 0 {
+            reject("model.moe.rounds", self.moe.rounds, "use at least 1 routing round")?;
+        }
+        if matches!(self.moe.aggregation, Aggregation::Dag | Aggregation::MlpMix) && self.dag.d_g == 0 {
             reject("model.dag.d_g", self.dag.d_g, "use a positive width such as 64")?;
         }
         Ok(())
@@ -230,6 +257,7 @@ mod tests {
                 shared_expert_hidden: 0,
                 aggregation: Aggregation::Dag,
                 renormalize_gates: false,
+                rounds: 2,
                 load_balance_coef: 0.01,
                 z_loss_coef: 0.001,
             },

@@ -17,10 +17,10 @@
 //! `[k, k] x [k, g]` product per token, and no `[t, k, k, 2g]` tensor is built.
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::sigmoid;
+use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Device, Tensor};
 
-use crate::config::{DagConfig, DagNorm};
+use crate::config::{DagConfig, DagNorm, EdgeGate};
 use crate::layers::{LayerNorm, RmsNorm, normal_weight, project, project_with};
 
 /// One message-passing level of the DAG.
@@ -30,9 +30,10 @@ pub struct DagLevel {
     pub rms_norm: Option<RmsNorm>,
     /// `[d, g]`
     pub w_down: Param<Tensor<2>>,
-    /// `[2g, 1]`: rows `0..g` act on the receiving node `i`, rows `g..2g` on the sender `j`.
+    /// `[2g, 1]`, or `[2g, g]` for vector edge gates: rows `0..g` act on the
+    /// receiving node `i`, rows `g..2g` on the sender `j`.
     pub w_edge: Param<Tensor<2>>,
-    /// `[1]`
+    /// `[1]`, or `[g]` for vector edge gates.
     pub b_edge: Param<Tensor<1>>,
     /// `[2g, g]`, split like `w_edge`.
     pub w_node: Param<Tensor<2>>,
@@ -43,24 +44,23 @@ pub struct DagLevel {
 impl DagLevel {
     pub fn new(d: usize, config: &DagConfig, eps: f64, std: f64, device: &Device) -> Self {
         let g = config.d_g;
+        let edge_width = edge_width(config);
         Self {
             layer_norm: (config.norm == DagNorm::LayerNorm).then(|| LayerNorm::new(d, eps, device)),
             rms_norm: (config.norm == DagNorm::RmsNorm).then(|| RmsNorm::new(d, eps, device)),
             w_down: normal_weight(d, g, std, device),
-            w_edge: normal_weight(2 * g, 1, std, device),
-            b_edge: Param::from_tensor(Tensor::zeros([1], device)),
+            w_edge: normal_weight(2 * g, edge_width, std, device),
+            b_edge: Param::from_tensor(Tensor::zeros([edge_width], device)),
             w_node: normal_weight(2 * g, g, std, device),
             w_up: Param::from_tensor(Tensor::zeros([g, d], device)),
         }
     }
 
     /// Parameters of one level.
-    pub fn param_count(d: usize, g: usize, norm: DagNorm) -> usize {
-        let norm_params = match norm {
-            DagNorm::LayerNorm => 2 * d,
-            DagNorm::RmsNorm => d,
-        };
-        norm_params + d * g + 2 * g + 1 + 2 * g * g + g * d
+    pub fn param_count(d: usize, config: &DagConfig) -> usize {
+        let g = config.d_g;
+        let edge = (2 * g + 1) * edge_width(config);
+        norm_param_count(d, config.norm) + d * g + edge + 2 * g * g + g * d
     }
 
     /// Returns the updated node states and the edge weights `e[t, i, j]`.
@@ -69,29 +69,101 @@ impl DagLevel {
     /// - x: `[t, k, d]` node states of the previous level, output: same
     /// - edges: `[t, k, k]`
     pub fn forward(&self, x_tkd: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
-        let normed_tkd = match (&self.layer_norm, &self.rms_norm) {
-            (Some(norm), _) => norm.forward(x_tkd.clone()),
-            (None, Some(norm)) => norm.forward(x_tkd.clone()),
-            (None, None) => x_tkd.clone(),
-        };
+        let normed_tkd = normalize(&self.layer_norm, &self.rms_norm, x_tkd.clone());
         let u_tkg = project(normed_tkd, &self.w_down);
         let [_, g] = self.w_down.dims();
-
-        // Edge weights: e[t, i, j] = sigmoid(u_i W_a + u_j W_b + b).
-        // NOTE: every ordered pair is an edge, i == j included, because the
-        // specification's pair set is "all ordered pairs (i, j)".
+        let [_, edge_width] = self.w_edge.dims();
         let w_edge = self.w_edge.val();
-        let receiver_tk1 = project_with(u_tkg.clone(), w_edge.clone().narrow(0, 0, g));
-        let sender_tk1 = project_with(u_tkg.clone(), w_edge.narrow(0, g, g));
-        let edge_tkk = sigmoid(receiver_tk1 + sender_tk1.swap_dims(1, 2) + self.b_edge.val().unsqueeze());
-
-        // Messages: sum_j e_ij (u_i N_a + u_j N_b) = (u_i N_a) sum_j e_ij + sum_j e_ij (u_j N_b).
         let w_node = self.w_node.val();
         let receiver_tkg = project_with(u_tkg.clone(), w_node.clone().narrow(0, 0, g));
-        let sender_tkg = project_with(u_tkg, w_node.narrow(0, g, g));
-        let message_tkg = receiver_tkg * edge_tkk.clone().sum_dim(2) + edge_tkk.clone().matmul(sender_tkg);
+        let sender_tkg = project_with(u_tkg.clone(), w_node.narrow(0, g, g));
+
+        // NOTE: every ordered pair is an edge, i == j included, because the
+        // specification's pair set is "all ordered pairs (i, j)".
+        let (message_tkg, edge_tkk) = if edge_width == 1 {
+            // Scalar edges e[t, i, j] = sigmoid(u_i W_a + u_j W_b + b); the messages
+            // sum_j e_ij (u_i N_a + u_j N_b) = (u_i N_a) sum_j e_ij + sum_j e_ij (u_j N_b).
+            let receiver_tk1 = project_with(u_tkg.clone(), w_edge.clone().narrow(0, 0, g));
+            let sender_tk1 = project_with(u_tkg, w_edge.narrow(0, g, g));
+            let edge_tkk = sigmoid(receiver_tk1 + sender_tk1.swap_dims(1, 2) + self.b_edge.val().unsqueeze());
+            let message_tkg = receiver_tkg * edge_tkk.clone().sum_dim(2) + edge_tkk.clone().matmul(sender_tkg);
+            (message_tkg, edge_tkk)
+        } else {
+            // Vector edges gate each channel, so the [t, k, k, g] gate tensor is
+            // built (g wide, not the 2g of the concatenated pairs).
+            let receiver_tkg_edge = project_with(u_tkg.clone(), w_edge.clone().narrow(0, 0, g));
+            let sender_tkg_edge = project_with(u_tkg, w_edge.narrow(0, g, g));
+            let edge_tkkg = sigmoid(
+                receiver_tkg_edge.unsqueeze_dim::<4>(2) + sender_tkg_edge.unsqueeze_dim::<4>(1) + self.b_edge.val().unsqueeze(),
+            );
+            let receiver_part = receiver_tkg * edge_tkkg.clone().sum_dim(2).squeeze_dim::<3>(2);
+            let sender_part = (edge_tkkg.clone() * sender_tkg.unsqueeze_dim::<4>(1)).sum_dim(2).squeeze_dim::<3>(2);
+            let edge_tkk = edge_tkkg.mean_dim(3).squeeze_dim::<3>(3);
+            (receiver_part + sender_part, edge_tkk)
+        };
 
         (x_tkd + project(message_tkg, &self.w_up), edge_tkk)
+    }
+}
+
+fn edge_width(config: &DagConfig) -> usize {
+    match config.edge_gate {
+        EdgeGate::Scalar => 1,
+        EdgeGate::Vector => config.d_g,
+    }
+}
+
+fn norm_param_count(d: usize, norm: DagNorm) -> usize {
+    match norm {
+        DagNorm::LayerNorm => 2 * d,
+        DagNorm::RmsNorm => d,
+    }
+}
+
+fn normalize<const D: usize>(layer_norm: &Option<LayerNorm>, rms_norm: &Option<RmsNorm>, x: Tensor<D>) -> Tensor<D> {
+    match (layer_norm, rms_norm) {
+        (Some(norm), _) => norm.forward(x),
+        (None, Some(norm)) => norm.forward(x),
+        (None, None) => x,
+    }
+}
+
+/// The "mlp-mix" ablation: the K node outputs mixed by an unstructured MLP
+/// through `d_g`, with no edges. Our reading of the paper's description:
+/// `y = sum_i x_i + W_up silu(sum_i W_down LN(x_i))`, `W_up` zero-initialized
+/// like the DAG's, so `2 d d_g` weights plus the norm are added per layer.
+#[derive(Module, Debug)]
+pub struct MlpMix {
+    pub layer_norm: Option<LayerNorm>,
+    pub rms_norm: Option<RmsNorm>,
+    /// `[d, g]`
+    pub w_down: Param<Tensor<2>>,
+    /// `[g, d]`, zero at initialization.
+    pub w_up: Param<Tensor<2>>,
+}
+
+impl MlpMix {
+    pub fn new(d: usize, config: &DagConfig, eps: f64, std: f64, device: &Device) -> Self {
+        Self {
+            layer_norm: (config.norm == DagNorm::LayerNorm).then(|| LayerNorm::new(d, eps, device)),
+            rms_norm: (config.norm == DagNorm::RmsNorm).then(|| RmsNorm::new(d, eps, device)),
+            w_down: normal_weight(d, config.d_g, std, device),
+            w_up: Param::from_tensor(Tensor::zeros([config.d_g, d], device)),
+        }
+    }
+
+    pub fn param_count(d: usize, config: &DagConfig) -> usize {
+        norm_param_count(d, config.norm) + 2 * d * config.d_g
+    }
+
+    /// # Shapes
+    /// - x: `[t, k, d]` gated node outputs, output: `[t, d]`
+    pub fn forward(&self, x_tkd: Tensor<3>) -> Tensor<2> {
+        let [t, _, d] = x_tkd.dims();
+        let u_tkg = project(normalize(&self.layer_norm, &self.rms_norm, x_tkd.clone()), &self.w_down);
+        let [_, _, g] = u_tkg.dims();
+        let mixed_tg = silu(u_tkg.sum_dim(1).reshape([t, g]));
+        x_tkd.sum_dim(1).reshape([t, d]) + project(mixed_tg, &self.w_up)
     }
 }
 

@@ -12,7 +12,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
 use crate::config::{Aggregation, ConfigError, ModelConfig};
-use crate::dag::DagLevel;
+use crate::dag::{DagLevel, MlpMix};
 use crate::layers::{Attention, RmsNorm, Rotary, SwiGlu, normal_weight, project, project_with};
 use crate::moe::{Dispatch, MoeLayer};
 
@@ -164,6 +164,7 @@ pub struct ParamCounts {
     pub router: usize,
     pub experts: usize,
     pub shared_experts: usize,
+    /// DAG levels, or the MLP of the "mlp-mix" ablation.
     pub dag: usize,
 }
 
@@ -180,14 +181,15 @@ impl ParamCounts {
         let attention = config.n_layers * (2 * d * config.n_heads * head_dim + 2 * d * config.n_kv_heads * head_dim);
         let norms = (2 * config.n_layers + 1) * d;
         let dense_ffn = dense_layers * SwiGlu::param_count(d, config.d_ff);
-        let router = moe_layers * d * moe.n_experts;
+        let routers_per_layer = if moe.aggregation == Aggregation::ChainOfExperts { moe.rounds } else { 1 };
+        let router = moe_layers * routers_per_layer * d * moe.n_experts;
         let expert = SwiGlu::param_count(d, moe.d_expert);
         let experts = moe_layers * moe.n_experts * expert;
         let shared_experts = moe_layers * SwiGlu::param_count(d, moe.shared_expert_hidden);
-        let dag = if moe.aggregation == Aggregation::Dag {
-            moe_layers * config.dag.depth * DagLevel::param_count(d, config.dag.d_g, config.dag.norm)
-        } else {
-            0
+        let dag = match moe.aggregation {
+            Aggregation::Dag => moe_layers * config.dag.depth * DagLevel::param_count(d, &config.dag),
+            Aggregation::MlpMix => moe_layers * MlpMix::param_count(d, &config.dag),
+            Aggregation::WeightedSum | Aggregation::ChainOfExperts => 0,
         };
         let total = embedding + lm_head + attention + norms + dense_ffn + router + experts + shared_experts + dag;
         let inactive = moe_layers * (moe.n_experts - moe.top_k) * expert;

@@ -12,7 +12,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::config::{Aggregation, DagConfig, MoeConfig};
-use crate::dag::DagAggregation;
+use crate::dag::{DagAggregation, MlpMix};
 use crate::layers::{SwiGlu, normal_weight, project};
 
 /// Auxiliary losses of one MoE layer, unscaled.
@@ -52,6 +52,9 @@ pub struct MoeLayer {
     pub experts: Vec<SwiGlu>,
     pub shared_expert: Option<SwiGlu>,
     pub dag: Option<DagAggregation>,
+    pub mlp_mix: Option<MlpMix>,
+    /// `[d, e]` routers of Chain-of-Experts rounds after the first.
+    pub round_routers: Vec<Param<Tensor<2>>>,
     top_k: usize,
     renormalize_gates: bool,
     inject_input: bool,
@@ -61,11 +64,14 @@ pub struct MoeLayer {
 impl MoeLayer {
     pub fn new(d: usize, moe: &MoeConfig, dag: &DagConfig, eps: f64, std: f64, device: &Device) -> Self {
         let is_dag = moe.aggregation == Aggregation::Dag;
+        let extra_rounds = if moe.aggregation == Aggregation::ChainOfExperts { moe.rounds - 1 } else { 0 };
         Self {
             router: normal_weight(d, moe.n_experts, std, device),
             experts: (0..moe.n_experts).map(|_| SwiGlu::new(d, moe.d_expert, std, device)).collect(),
             shared_expert: (moe.shared_expert_hidden > 0).then(|| SwiGlu::new(d, moe.shared_expert_hidden, std, device)),
             dag: is_dag.then(|| DagAggregation::new(d, dag, eps, std, device)),
+            mlp_mix: (moe.aggregation == Aggregation::MlpMix).then(|| MlpMix::new(d, dag, eps, std, device)),
+            round_routers: (0..extra_rounds).map(|_| normal_weight(d, moe.n_experts, std, device)).collect(),
             top_k: moe.top_k,
             renormalize_gates: moe.renormalize_gates,
             inject_input: is_dag && dag.inject_input,
@@ -80,12 +86,46 @@ impl MoeLayer {
     /// # Shapes
     /// - x: `[t, d]` normalized hidden states, output `y`: `[t, d]`
     pub fn forward(&self, x_td: Tensor<2>, dispatch: Dispatch) -> MoeOutput {
+        if self.round_routers.is_empty() {
+            return self.forward_round(x_td, &self.router, dispatch);
+        }
+
+        // Chain-of-Experts: round r routes x_r with its own router over the
+        // shared experts, x_{r+1} = x_r + y_r, and the layer returns
+        // x_R - x_0 for the block's residual. Aux losses average over rounds.
+        let rounds = 1 + self.round_routers.len();
+        let mut state_td = x_td.clone();
+        let mut total: Option<MoeOutput> = None;
+        for router in std::iter::once(&self.router).chain(&self.round_routers) {
+            let round = self.forward_round(state_td.clone(), router, dispatch);
+            state_td = state_td + round.y_td.clone();
+            total = Some(match total {
+                None => round,
+                Some(sum) => MoeOutput {
+                    y_td: sum.y_td + round.y_td,
+                    losses: RouterLosses {
+                        load_balance: sum.losses.load_balance + round.losses.load_balance,
+                        z_loss: sum.losses.z_loss + round.losses.z_loss,
+                    },
+                    tokens_per_expert: sum.tokens_per_expert.iter().zip(&round.tokens_per_expert).map(|(a, b)| a + b).collect(),
+                    mean_edges: Vec::new(),
+                },
+            });
+        }
+        let mut output = total.expect("at least one round");
+        output.losses.load_balance = output.losses.load_balance.div_scalar(rounds as f64);
+        output.losses.z_loss = output.losses.z_loss.div_scalar(rounds as f64);
+        output
+    }
+
+    /// One routing round with `router`: top-K experts and the configured aggregation.
+    fn forward_round(&self, x_td: Tensor<2>, router: &Param<Tensor<2>>, dispatch: Dispatch) -> MoeOutput {
         let [t, d] = x_td.dims();
         let k = self.top_k;
         let e = self.n_experts();
 
         // Router: softmax over experts, then the K largest probabilities.
-        let logits_te = project(x_td.clone(), &self.router);
+        let logits_te = project(x_td.clone(), router);
         let probs_te = softmax(logits_te.clone(), 1);
         let (gates_tk, experts_tk) = probs_te.clone().topk_with_indices(k, 1);
         let gates_tk = if self.renormalize_gates { gates_tk.clone().div(gates_tk.sum_dim(1)) } else { gates_tk };
@@ -102,8 +142,8 @@ impl MoeLayer {
         };
         let weighted_tkd = nodes_tkd.mul(gates_tk.unsqueeze_dim(2));
 
-        let (mut y_td, mean_edges) = match &self.dag {
-            Some(dag) => {
+        let (mut y_td, mean_edges) = match (&self.dag, &self.mlp_mix) {
+            (Some(dag), _) => {
                 let nodes_tkd = if self.inject_input {
                     let scale = if self.scale_injection { 1.0 / k as f64 } else { 1.0 };
                     weighted_tkd + x_td.clone().mul_scalar(scale).unsqueeze_dim::<3>(1)
@@ -112,7 +152,8 @@ impl MoeLayer {
                 };
                 dag.forward(nodes_tkd)
             }
-            None => (weighted_tkd.sum_dim(1).reshape([t, d]), Vec::new()),
+            (None, Some(mix)) => (mix.forward(weighted_tkd), Vec::new()),
+            (None, None) => (weighted_tkd.sum_dim(1).reshape([t, d]), Vec::new()),
         };
         if let Some(shared) = &self.shared_expert {
             y_td = y_td + shared.forward(x_td);

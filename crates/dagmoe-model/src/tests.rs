@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData, Tolerance};
 
-use crate::config::{Aggregation, DagConfig, DagNorm, ModelConfig, MoeConfig};
+use crate::config::{Aggregation, DagConfig, DagNorm, EdgeGate, ModelConfig, MoeConfig};
 use crate::layers::reference_attention;
 use crate::model::{DagMoeModel, token_nll};
 use crate::moe::{Dispatch, MoeLayer};
@@ -39,10 +39,11 @@ fn tiny_config(aggregation: Aggregation, depth: usize) -> ModelConfig {
             shared_expert_hidden: 0,
             aggregation,
             renormalize_gates: false,
+            rounds: 2,
             load_balance_coef: 0.01,
             z_loss_coef: 0.001,
         },
-        dag: DagConfig { depth, d_g: 7, inject_input: true, scale_injection: true, norm: DagNorm::LayerNorm },
+        dag: DagConfig { depth, d_g: 7, inject_input: true, scale_injection: true, norm: DagNorm::LayerNorm, edge_gate: EdgeGate::Scalar },
     }
 }
 
@@ -60,11 +61,38 @@ fn assert_close<const D: usize>(actual: Tensor<D>, expected: Tensor<D>, what: &s
     let _ = what;
 }
 
+/// Every aggregation, and the DAG with both edge gates.
+fn variants() -> [(Aggregation, EdgeGate); 5] {
+    [
+        (Aggregation::WeightedSum, EdgeGate::Scalar),
+        (Aggregation::Dag, EdgeGate::Scalar),
+        (Aggregation::Dag, EdgeGate::Vector),
+        (Aggregation::ChainOfExperts, EdgeGate::Scalar),
+        (Aggregation::MlpMix, EdgeGate::Scalar),
+    ]
+}
+
+#[test]
+fn mlp_mix_with_zero_up_projection_is_weighted_sum() {
+    for device in devices() {
+        let layer = moe_layer(&tiny_config(Aggregation::MlpMix, 1), &device);
+        let mut weighted_sum = layer.clone();
+        weighted_sum.mlp_mix = None;
+        let x_td = random_input(13, 24, &device);
+        assert_close(
+            layer.forward(x_td.clone(), Dispatch::Sparse).y_td,
+            weighted_sum.forward(x_td, Dispatch::Sparse).y_td,
+            "zero mlp-mix W_up",
+        );
+    }
+}
+
 #[test]
 fn dag_with_zero_up_projection_is_weighted_sum_plus_input() {
     for device in devices() {
-        for depth in [0, 1, 2] {
-            let config = tiny_config(Aggregation::Dag, depth);
+        for (depth, edge_gate) in [(0, EdgeGate::Scalar), (1, EdgeGate::Scalar), (2, EdgeGate::Scalar), (2, EdgeGate::Vector)] {
+            let mut config = tiny_config(Aggregation::Dag, depth);
+            config.dag.edge_gate = edge_gate;
             let layer = moe_layer(&config, &device);
             let mut weighted_sum = layer.clone();
             weighted_sum.dag = None;
@@ -115,13 +143,17 @@ fn only_up_projection_gets_gradient_at_init() {
 #[test]
 fn sparse_dispatch_matches_dense_in_value_and_gradient() {
     for device in devices() {
-        for aggregation in [Aggregation::WeightedSum, Aggregation::Dag] {
+        for (aggregation, edge_gate) in variants() {
             let mut config = tiny_config(aggregation, 2);
+            config.dag.edge_gate = edge_gate;
             config.moe.shared_expert_hidden = 9;
             let mut layer = moe_layer(&config, &device);
             // Give W_up a non-zero value so every DAG weight is on the gradient path.
             for level in layer.dag.iter_mut().flat_map(|dag| dag.levels.iter_mut()) {
                 level.w_up = level.w_up.clone().map(|w| w.random_like(Distribution::Normal(0.0, 0.1)).require_grad());
+            }
+            if let Some(mix) = layer.mlp_mix.as_mut() {
+                mix.w_up = mix.w_up.clone().map(|w| w.random_like(Distribution::Normal(0.0, 0.1)).require_grad());
             }
             let x_td = random_input(13, 24, &device).require_grad();
             let sparse = layer.forward(x_td.clone(), Dispatch::Sparse).y_td;
@@ -238,8 +270,9 @@ fn logits_are_causal() {
 #[test]
 fn training_steps_reduce_the_loss() {
     for device in devices() {
-        for aggregation in [Aggregation::WeightedSum, Aggregation::Dag] {
-            let config = tiny_config(aggregation, 1);
+        for (aggregation, edge_gate) in variants() {
+            let mut config = tiny_config(aggregation, 1);
+            config.dag.edge_gate = edge_gate;
             let mut model = DagMoeModel::new(&config, 16, &device).unwrap();
             let ids: Vec<i64> = (0..34).map(|i| (i * i % 61) as i64).collect();
             let batch = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 17]), &device);
@@ -252,7 +285,7 @@ fn training_steps_reduce_the_loss() {
                 let grads = loss.backward();
                 model = model.map(&mut SgdStep { grads: &grads, lr: 0.5 });
             }
-            assert!(losses[7] < losses[0] * 0.9, "{aggregation:?} losses {losses:?}");
+            assert!(losses[7] < losses[0] * 0.9, "{aggregation:?} {edge_gate:?} losses {losses:?}");
         }
     }
 }

@@ -12,7 +12,7 @@
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Gradients, Tensor, TensorData, Tolerance};
 use dagmoe_model::moe::{Dispatch, MoeLayer};
-use dagmoe_model::{Aggregation, DagConfig, DagNorm, MoeConfig};
+use dagmoe_model::{Aggregation, DagConfig, DagNorm, EdgeGate, MoeConfig};
 use serde_json::Value;
 
 fn tensor(value: &Value, device: &Device) -> (Vec<usize>, Tensor<1>) {
@@ -106,10 +106,11 @@ fn dag_layer_matches_pytorch_fixture() {
         shared_expert_hidden: 0,
         aggregation: Aggregation::Dag,
         renormalize_gates: false,
+        rounds: 2,
         load_balance_coef: 0.0,
         z_loss_coef: 0.0,
     };
-    let dag = DagConfig { depth: 2, d_g: 6, inject_input: true, scale_injection: true, norm: DagNorm::LayerNorm };
+    let dag = DagConfig { depth: 2, d_g: 6, inject_input: true, scale_injection: true, norm: DagNorm::LayerNorm, edge_gate: EdgeGate::Scalar };
 
     for device in devices() {
         let layer = MoeLayer::new(d, &moe, &dag, 1e-5, 0.02, &device);

@@ -26,6 +26,9 @@ fn pytorch_reference_reproduces_logits() {
     let variants: &[(&str, &[&str])] = &[
         ("tiny-moe", &[]),
         ("tiny-dagmoe", &["model.dag.depth=2"]),
+        ("tiny-dagmoe", &["model.dag.edge_gate=\"vector\""]),
+        ("tiny-moe", &["model.moe.aggregation=\"chain-of-experts\"", "model.moe.rounds=3"]),
+        ("tiny-moe", &["model.moe.aggregation=\"mlp-mix\""]),
         (
             "tiny-dagmoe",
             &[
@@ -54,11 +57,12 @@ fn pytorch_reference_reproduces_logits() {
 
         let device = dagmoe_model::parse_device("cpu").unwrap().autodiff();
         let model = checkpoint.load_model(&device).unwrap().valid();
-        let dag_moved = checkpoint.config.model.dag.depth == 0
-            || model.blocks.iter().filter_map(|b| b.moe.as_ref()).filter_map(|m| m.dag.as_ref()).all(|dag| {
-                dag.levels.iter().all(|level| level.w_up.val().abs().max().into_scalar::<f32>() > 0.0)
-            });
-        assert!(dag_moved, "{config} {overrides:?}: training left W_up at zero, so the DAG would go untested");
+        let moved = |w: &burn::module::Param<Tensor<2>>| w.val().abs().max().into_scalar::<f32>() > 0.0;
+        let up_projections_moved = model.blocks.iter().filter_map(|b| b.moe.as_ref()).all(|moe| {
+            moe.dag.iter().flat_map(|dag| &dag.levels).all(|level| moved(&level.w_up))
+                && moe.mlp_mix.iter().all(|mix| moved(&mix.w_up))
+        });
+        assert!(up_projections_moved, "{config} {overrides:?}: training left a W_up at zero, so its path would go untested");
         let tokens: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
         let input = Tensor::<2, Int>::from_data(TensorData::new(tokens, [2, 32]), &device.clone().inner());
         let logits: Vec<f32> = model.forward(input).logits_btv.into_data().iter::<f32>().collect();
