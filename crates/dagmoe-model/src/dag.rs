@@ -12,6 +12,12 @@
 //! x_i'  = x_i + (sum_j m_ij) W_up               W_up starts at zero
 //! ```
 //!
+//! Readings of points the paper leaves open: one scalar per edge by default
+//! (a learned K x K adjacency; `edge_gate = "vector"` gives a `d_g` vector);
+//! no biases except on `W_edge`; `LN` is LayerNorm (RMSNorm as an option);
+//! the weights of a level are shared by all K node positions, so the router
+//! rank enters only through the gates.
+//!
 //! The concatenation splits: `[u_i; u_j] W = u_i W_a + u_j W_b`. The K x K
 //! pair terms therefore cost two `[g, g]` products per node and one
 //! `[k, k] x [k, g]` product per token, and no `[t, k, k, 2g]` tensor is built.

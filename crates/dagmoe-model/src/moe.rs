@@ -144,6 +144,8 @@ impl MoeLayer {
 
         let (mut y_td, mean_edges) = match (&self.dag, &self.mlp_mix) {
             (Some(dag), _) => {
+                // NOTE: the injected `x` is the MoE input, the normalized hidden
+                // state, and the block keeps its outer residual `h' = a + y`.
                 let nodes_tkd = if self.inject_input {
                     let scale = if self.scale_injection { 1.0 / k as f64 } else { 1.0 };
                     weighted_tkd + x_td.clone().mul_scalar(scale).unsqueeze_dim::<3>(1)
