@@ -108,14 +108,63 @@ pub struct LoaderCursor {
     pub index: u64,
 }
 
+/// A seeded permutation of `0..len` per epoch, reproducible from the seed,
+/// a salt that tells loaders apart, and the epoch; and a cursor into it.
+pub struct EpochOrder {
+    seed: u64,
+    salt: u64,
+    cursor: LoaderCursor,
+    order: Vec<u32>,
+}
+
+impl EpochOrder {
+    pub fn new(len: usize, seed: u64, salt: u64) -> Self {
+        Self { seed, salt, cursor: LoaderCursor::default(), order: Self::permute(len, seed, salt, 0) }
+    }
+
+    fn permute(len: usize, seed: u64, salt: u64, epoch: u64) -> Vec<u32> {
+        let mut mixer = SplitMix64::new(seed ^ epoch.wrapping_mul(salt));
+        permutation(len, mixer.next_u64())
+    }
+
+    /// Items per epoch.
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn cursor(&self) -> LoaderCursor {
+        self.cursor
+    }
+
+    /// Moves to a saved position; the next item is the one that followed it.
+    pub fn restore(&mut self, cursor: LoaderCursor) {
+        if cursor.epoch != self.cursor.epoch {
+            self.order = Self::permute(self.order.len(), self.seed, self.salt, cursor.epoch);
+        }
+        self.cursor = cursor;
+    }
+
+    /// Returns the next item, moving to the next epoch's order when one ends.
+    pub fn next_item(&mut self) -> usize {
+        if self.cursor.index as usize == self.order.len() {
+            self.restore(LoaderCursor { epoch: self.cursor.epoch + 1, index: 0 });
+        }
+        let item = self.order[self.cursor.index as usize] as usize;
+        self.cursor.index += 1;
+        item
+    }
+}
+
 /// Training windows in a seeded order that changes every epoch.
 pub struct TrainLoader {
     stream: TokenStream,
     seq_len: usize,
     batch_size: usize,
-    seed: u64,
-    cursor: LoaderCursor,
-    order: Vec<u32>,
+    order: EpochOrder,
 }
 
 impl TrainLoader {
@@ -131,8 +180,8 @@ impl TrainLoader {
         if windows > u32::MAX as u64 {
             return Err(DataError::Invalid(format!("{windows} windows exceed the loader's limit of 2^32")));
         }
-        let order = epoch_order(windows as usize, seed, 0);
-        Ok(Self { stream, seq_len, batch_size, seed, cursor: LoaderCursor::default(), order })
+        let order = EpochOrder::new(windows as usize, seed, 0xD1B5_4A32_D192_ED03);
+        Ok(Self { stream, seq_len, batch_size, order })
     }
 
     /// Windows per epoch.
@@ -141,15 +190,12 @@ impl TrainLoader {
     }
 
     pub fn cursor(&self) -> LoaderCursor {
-        self.cursor
+        self.order.cursor()
     }
 
     /// Moves to a saved position; the next batch is the one that followed it.
     pub fn restore(&mut self, cursor: LoaderCursor) {
-        if cursor.epoch != self.cursor.epoch {
-            self.order = epoch_order(self.order.len(), self.seed, cursor.epoch);
-        }
-        self.cursor = cursor;
+        self.order.restore(cursor);
     }
 
     /// Returns the next `batch_size` windows, moving to the next epoch's order when one ends.
@@ -157,12 +203,8 @@ impl TrainLoader {
         let width = self.seq_len + 1;
         let mut tokens = vec![0u32; self.batch_size * width];
         for row in tokens.chunks_mut(width) {
-            if self.cursor.index as usize == self.order.len() {
-                self.restore(LoaderCursor { epoch: self.cursor.epoch + 1, index: 0 });
-            }
-            let window = self.order[self.cursor.index as usize] as u64;
+            let window = self.order.next_item() as u64;
             self.stream.read(window * self.seq_len as u64, row);
-            self.cursor.index += 1;
         }
         Batch {
             tokens,
@@ -176,11 +218,6 @@ impl TrainLoader {
 
 fn window_count(tokens: u64, seq_len: usize) -> u64 {
     tokens.saturating_sub(1) / seq_len as u64
-}
-
-fn epoch_order(windows: usize, seed: u64, epoch: u64) -> Vec<u32> {
-    let mut mixer = SplitMix64::new(seed ^ epoch.wrapping_mul(0xD1B5_4A32_D192_ED03));
-    permutation(windows, mixer.next_u64())
 }
 
 /// Sequential evaluation windows that score every token after the first

@@ -11,8 +11,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::loader::{Batch, LoaderCursor};
-use crate::rng::{SplitMix64, permutation};
+use crate::loader::{Batch, EpochOrder, LoaderCursor};
 use crate::tokenizer::TextTokenizer;
 use crate::{DataError, Result};
 
@@ -92,15 +91,13 @@ pub struct SftLoader {
     examples: Vec<SftExample>,
     seq_len: usize,
     batch_size: usize,
-    seed: u64,
-    cursor: LoaderCursor,
-    order: Vec<u32>,
+    order: EpochOrder,
 }
 
 impl SftLoader {
     pub fn new(examples: Vec<SftExample>, seq_len: usize, batch_size: usize, seed: u64) -> Self {
-        let order = epoch_order(examples.len(), seed, 0);
-        Self { examples, seq_len, batch_size, seed, cursor: LoaderCursor::default(), order }
+        let order = EpochOrder::new(examples.len(), seed, 0xA24B_AED4_963E_E407);
+        Self { examples, seq_len, batch_size, order }
     }
 
     pub fn examples(&self) -> usize {
@@ -108,14 +105,11 @@ impl SftLoader {
     }
 
     pub fn cursor(&self) -> LoaderCursor {
-        self.cursor
+        self.order.cursor()
     }
 
     pub fn restore(&mut self, cursor: LoaderCursor) {
-        if cursor.epoch != self.cursor.epoch {
-            self.order = epoch_order(self.examples.len(), self.seed, cursor.epoch);
-        }
-        self.cursor = cursor;
+        self.order.restore(cursor);
     }
 
     /// Returns the next `batch_size` examples, padded to `seq_len + 1` tokens.
@@ -129,11 +123,7 @@ impl SftLoader {
             score_from: Vec::new(),
         };
         for _ in 0..self.batch_size {
-            if self.cursor.index as usize == self.order.len() {
-                self.restore(LoaderCursor { epoch: self.cursor.epoch + 1, index: 0 });
-            }
-            let example = &self.examples[self.order[self.cursor.index as usize] as usize];
-            self.cursor.index += 1;
+            let example = &self.examples[self.order.next_item()];
             batch.tokens.extend_from_slice(&example.tokens);
             batch.tokens.resize(batch.tokens.len() + width - example.tokens.len(), 0);
             // Target i predicts token i + 1, so the first response token is target prompt_len - 1.
@@ -142,11 +132,6 @@ impl SftLoader {
         }
         batch
     }
-}
-
-fn epoch_order(examples: usize, seed: u64, epoch: u64) -> Vec<u32> {
-    let mut mixer = SplitMix64::new(seed ^ epoch.wrapping_mul(0xA24B_AED4_963E_E407));
-    permutation(examples, mixer.next_u64())
 }
 
 #[cfg(test)]
