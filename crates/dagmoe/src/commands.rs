@@ -67,56 +67,22 @@ pub fn finetune_config(from: &Path, file: &Path, overrides: &[String]) -> Result
     let mut table: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| Error::Config(format!("{} is not valid TOML: {}", file.display(), e.message())))?;
-    let model = toml::Table::try_from(&checkpoint.config.model).expect("a model config serializes");
-    match table.get("model") {
-        None => {
-            table.insert("model".into(), toml::Value::Table(model));
-        }
-        Some(given) => {
-            let given_model = given.as_table().cloned().unwrap_or_default();
-            let differing = differing_keys("model", &toml::Value::Table(given_model), &toml::Value::Table(model));
-            if !differing.is_empty() {
-                return Err(Error::Config(format!(
-                    "{}: [model] differs from the checkpoint {} in {}; remove [model] to take the checkpoint's",
-                    file.display(),
-                    from.display(),
-                    differing.join(", ")
-                )));
-            }
-        }
+    if !table.contains_key("model") {
+        let model = toml::Table::try_from(&checkpoint.config.model).expect("a model config serializes");
+        table.insert("model".into(), toml::Value::Table(model));
     }
     let resolved = toml::to_string(&table).expect("a TOML table serializes");
     let config = parse_config(&resolved, &file.display().to_string(), overrides)?;
     let differing = crate::resume::model_differences(&checkpoint.config, &config);
     if !differing.is_empty() {
         return Err(Error::Config(format!(
-            "--set changes {} of the checkpoint {}, whose weights fix the model; remove those overrides",
+            "{} or its --set overrides change {} of the checkpoint {}, whose weights fix the model; remove [model] and those overrides to take the checkpoint's",
+            file.display(),
             differing.join(", "),
             from.display()
         )));
     }
     Ok(config)
-}
-
-/// Dotted keys whose values differ between two TOML values; keys only in `given` count too.
-fn differing_keys(prefix: &str, given: &toml::Value, expected: &toml::Value) -> Vec<String> {
-    match (given, expected) {
-        (toml::Value::Table(a), toml::Value::Table(b)) => a
-            .iter()
-            .flat_map(|(key, value)| match b.get(key) {
-                Some(other) => differing_keys(&format!("{prefix}.{key}"), value, other),
-                None => vec![format!("{prefix}.{key}")],
-            })
-            .collect(),
-        (a, b) if a == b => Vec::new(),
-        // An integer written where the config stores a float compares by value.
-        (a, b) if as_number(a).is_some() && as_number(a) == as_number(b) => Vec::new(),
-        _ => vec![prefix.to_string()],
-    }
-}
-
-fn as_number(value: &toml::Value) -> Option<f64> {
-    value.as_float().or(value.as_integer().map(|i| i as f64))
 }
 
 /// Report written by `dagmoe eval`.
