@@ -2,6 +2,7 @@
 //! models, DAG-MoE first. The `dagmoe` binary parses arguments and calls the
 //! functions here; tests call them directly.
 
+pub mod batches;
 pub mod checkpoint;
 pub mod cloze;
 pub mod commands;

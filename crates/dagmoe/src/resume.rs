@@ -1,6 +1,12 @@
-//! Which config changes a resume may accept.
+//! Resuming a run: the newest complete checkpoint, and which config
+//! changes a resume may accept.
 
+use std::path::Path;
+
+use crate::checkpoint::{Checkpoint, latest_checkpoint};
 use crate::config::RunConfig;
+use crate::error::{Error, Result};
+use crate::eval::DataIdentity;
 
 /// Keys that change how a run is observed or saved, not what it computes.
 /// `train.threads` is among them although libtorch may round differently
@@ -54,6 +60,43 @@ fn collect_differences(prefix: &str, a: &toml::Value, b: &toml::Value, out: &mut
         (a, b) if a != b => out.push(prefix.to_string()),
         _ => {}
     }
+}
+
+/// Opens the newest complete checkpoint of `out_dir` and checks that `config`
+/// and the data identity match the ones it was saved with.
+pub(crate) fn resume_checkpoint(
+    out_dir: &Path,
+    config: &RunConfig,
+    identity: &DataIdentity,
+    train_data_sha256: &str,
+    allow_change: bool,
+) -> Result<Checkpoint> {
+    let dir = latest_checkpoint(out_dir)?.ok_or_else(|| {
+        Error::Usage(format!(
+            "--resume: {} contains no complete checkpoint; delete {} and start the run without --resume",
+            out_dir.join("checkpoints").display(),
+            out_dir.display()
+        ))
+    })?;
+    let checkpoint = Checkpoint::open(&dir)?;
+    let mut differences = config_differences(&checkpoint.config, config);
+    if checkpoint.state.tokenizer_sha256 != identity.tokenizer_sha256 {
+        differences.push("data.tokenizer (its content changed)".to_string());
+    }
+    if checkpoint.state.train_data_sha256 != train_data_sha256 {
+        differences.push("data.train or data.sft (the training data changed)".to_string());
+    }
+    if !differences.is_empty() {
+        if !allow_change {
+            return Err(Error::Config(format!(
+                "--resume: the config differs from checkpoint {} in {}, which changes the result; restore those values or pass --allow-config-change",
+                dir.display(),
+                differences.join(", ")
+            )));
+        }
+        tracing::warn!(keys = %differences.join(", "), "resuming with a changed config (--allow-config-change)");
+    }
+    Ok(checkpoint)
 }
 
 #[cfg(test)]

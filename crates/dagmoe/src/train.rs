@@ -2,26 +2,26 @@
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use dagmoe_data::manifest::Split;
-use dagmoe_data::{Batch, LoaderCursor, Manifest, SftLoader, TextTokenizer, TokenStream, TrainLoader, load_sft};
+use dagmoe_data::{Batch, TextTokenizer};
 use dagmoe_model::{DagMoeModel, ParamCounts, token_nll};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint};
+use crate::checkpoint::{Checkpoint, CheckpointWriter, TrainerState, list_checkpoints, save_checkpoint};
 use crate::config::RunConfig;
 use crate::error::{Error, Result};
-use crate::eval::{DataIdentity, EvalResult, EvalSet, EvalWindow, Unigram, batch_tensors, check_manifest, evaluate, open_eval_set};
+use crate::eval::{DataIdentity, EvalResult, EvalSet, EvalWindow, Unigram, batch_tensors, evaluate, open_eval_set};
 use crate::metrics::{MetricsWriter, StepMetrics, trim_metrics_after};
 use crate::optim::{AdamW, clip_scale, global_norm, learning_rate};
 use crate::params::{GradientCollector, ParamUpdater};
-use crate::resume::config_differences;
+use crate::batches::{BatchSource, open_training_data};
+use crate::resume::resume_checkpoint;
 use crate::tasks::{ChoiceItem, TaskResult, load_task, score_task};
 
 /// Summary of a finished run, also written to `<out_dir>/run.json`.
@@ -529,122 +529,6 @@ impl Trainer {
         self.last_checkpoint = Some(dir.clone());
         Ok(dir)
     }
-}
-
-/// Opens the training batches: windows of a prepared directory (`data.train`)
-/// or prompt-masked examples (`data.sft`). Also returns the unigram baseline
-/// of a prepared directory and a hash that identifies the training data.
-fn open_training_data(
-    config: &RunConfig,
-    tokenizer: &TextTokenizer,
-    identity: &DataIdentity,
-) -> Result<(BatchSource, Option<Unigram>, String)> {
-    let data = &config.data;
-    let train = &config.train;
-    let (source, unigram, sha256, origin) = match (&data.train, &data.sft) {
-        (Some(dir), _) => {
-            let manifest = Manifest::load(dir).map_err(|e| {
-                Error::Config(format!("data.train: {}; run `dagmoe data prepare` or fix the path", Error::with_causes(&e)))
-            })?;
-            check_manifest(dir, &manifest, identity)?;
-            let stream = TokenStream::open(dir, &manifest, Split::Train)?;
-            let shard_checksums: Vec<&str> = manifest.train.shards.iter().map(|s| s.sha256.as_str()).collect();
-            let sha256 = dagmoe_data::sha256_hex(shard_checksums.join(",").as_bytes());
-            let unigram = Unigram::fit(&stream, config.model.vocab_size);
-            let loader = TrainLoader::new(stream, data.seq_len, train.batch_size, train.seed)?;
-            (BatchSource::Windows(loader), Some(unigram), sha256, dir)
-        }
-        (None, Some(path)) => {
-            let examples = load_sft(path, tokenizer, data.seq_len)?;
-            let bytes = std::fs::read(path).map_err(|e| Error::io("read", path, e))?;
-            let loader = SftLoader::new(examples, data.seq_len, train.batch_size, train.seed);
-            (BatchSource::Examples(loader), None, dagmoe_data::sha256_hex(&bytes), path)
-        }
-        (None, None) => unreachable!("validation requires data.train or data.sft"),
-    };
-    let step_rows = train.batch_size * train.grad_accum;
-    if step_rows > source.len() {
-        return Err(Error::Config(format!(
-            "train.batch_size * train.grad_accum = {step_rows} sequences exceed the {} sequences of {}; lower train.batch_size",
-            source.len(),
-            origin.display()
-        )));
-    }
-    Ok((source, unigram, sha256))
-}
-
-/// Where training batches come from.
-enum BatchSource {
-    Windows(TrainLoader),
-    Examples(SftLoader),
-}
-
-impl BatchSource {
-    fn next_batch(&mut self) -> Batch {
-        match self {
-            BatchSource::Windows(loader) => loader.next_batch(),
-            BatchSource::Examples(loader) => loader.next_batch(),
-        }
-    }
-
-    fn cursor(&self) -> LoaderCursor {
-        match self {
-            BatchSource::Windows(loader) => loader.cursor(),
-            BatchSource::Examples(loader) => loader.cursor(),
-        }
-    }
-
-    fn restore(&mut self, cursor: LoaderCursor) {
-        match self {
-            BatchSource::Windows(loader) => loader.restore(cursor),
-            BatchSource::Examples(loader) => loader.restore(cursor),
-        }
-    }
-
-    /// Sequences per epoch.
-    fn len(&self) -> usize {
-        match self {
-            BatchSource::Windows(loader) => loader.windows(),
-            BatchSource::Examples(loader) => loader.examples(),
-        }
-    }
-}
-
-/// Opens the newest complete checkpoint of `out_dir` and checks that `config`
-/// and the data identity match the ones it was saved with.
-fn resume_checkpoint(
-    out_dir: &Path,
-    config: &RunConfig,
-    identity: &DataIdentity,
-    train_data_sha256: &str,
-    allow_change: bool,
-) -> Result<Checkpoint> {
-    let dir = latest_checkpoint(out_dir)?.ok_or_else(|| {
-        Error::Usage(format!(
-            "--resume: {} contains no complete checkpoint; delete {} and start the run without --resume",
-            out_dir.join("checkpoints").display(),
-            out_dir.display()
-        ))
-    })?;
-    let checkpoint = Checkpoint::open(&dir)?;
-    let mut differences = config_differences(&checkpoint.config, config);
-    if checkpoint.state.tokenizer_sha256 != identity.tokenizer_sha256 {
-        differences.push("data.tokenizer (its content changed)".to_string());
-    }
-    if checkpoint.state.train_data_sha256 != train_data_sha256 {
-        differences.push("data.train or data.sft (the training data changed)".to_string());
-    }
-    if !differences.is_empty() {
-        if !allow_change {
-            return Err(Error::Config(format!(
-                "--resume: the config differs from checkpoint {} in {}, which changes the result; restore those values or pass --allow-config-change",
-                dir.display(),
-                differences.join(", ")
-            )));
-        }
-        tracing::warn!(keys = %differences.join(", "), "resuming with a changed config (--allow-config-change)");
-    }
-    Ok(checkpoint)
 }
 
 /// Training FLOPs per token: 6 per active non-embedding parameter (forward and
