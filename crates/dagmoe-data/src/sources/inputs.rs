@@ -1,0 +1,269 @@
+//! Input resolution: paths, directories and glob patterns to a sorted list of
+//! files, each with a key relative to its input and a format.
+
+use std::collections::HashSet;
+use std::path::{Component, Path, PathBuf};
+
+use crate::prepare::list_documents;
+use crate::{DataError, Result};
+
+use super::Format;
+
+/// One file to read, with the key its documents are named by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceFile {
+    pub path: PathBuf,
+    /// Path relative to the directory or glob root it was found under, with
+    /// `/` separators; the file name for a file given directly.
+    pub key: String,
+}
+
+/// Decompression applied before a text or JSONL file is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+/// The concrete reader for one file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FileFormat {
+    Text(Compression),
+    Jsonl(Compression),
+    Parquet,
+}
+
+/// Lists the files of `inputs` in order: each input is a file, a directory
+/// (read recursively, sorted by path) or a glob pattern (matches sorted by
+/// path, matched directories read recursively).
+///
+/// A path that exists is never treated as a pattern. A file reached through
+/// two inputs is an error, because its documents would be counted twice.
+pub fn list_source_files<P: AsRef<Path>>(inputs: &[P]) -> Result<Vec<SourceFile>> {
+    if inputs.is_empty() {
+        return Err(DataError::Invalid("no corpus input given; pass a file, a directory or a glob pattern".into()));
+    }
+    let mut files = Vec::new();
+    for input in inputs {
+        files.extend(resolve_input(input.as_ref())?);
+    }
+
+    let mut seen = HashSet::new();
+    for file in &files {
+        let canonical = std::fs::canonicalize(&file.path).map_err(|e| DataError::io("resolve path", &file.path, e))?;
+        if !seen.insert(canonical) {
+            return Err(DataError::Invalid(format!(
+                "file {} is matched by more than one input; remove the overlapping input",
+                file.path.display()
+            )));
+        }
+    }
+    Ok(files)
+}
+
+fn resolve_input(input: &Path) -> Result<Vec<SourceFile>> {
+    match std::fs::metadata(input) {
+        Ok(metadata) if metadata.is_file() => {
+            let key = input.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+            Ok(vec![SourceFile { path: input.to_path_buf(), key }])
+        }
+        Ok(_) => list_directory(input, input),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && is_glob_pattern(input) => expand_glob(input),
+        Err(e) => Err(DataError::io("read corpus path", input, e)),
+    }
+}
+
+/// Lists every file below `directory` with keys relative to `root`.
+fn list_directory(directory: &Path, root: &Path) -> Result<Vec<SourceFile>> {
+    let paths = list_documents(directory)?;
+    Ok(paths.into_iter().map(|path| SourceFile { key: relative_key(&path, root), path }).collect())
+}
+
+fn expand_glob(pattern: &Path) -> Result<Vec<SourceFile>> {
+    let Some(pattern_text) = pattern.to_str() else {
+        return Err(DataError::Invalid(format!(
+            "glob pattern {} is not valid UTF-8; pass a directory instead",
+            pattern.display()
+        )));
+    };
+    let matches = glob::glob(pattern_text)
+        .map_err(|e| DataError::Invalid(format!("invalid glob pattern {pattern_text:?}: {e}")))?;
+    let mut paths = Vec::new();
+    for entry in matches {
+        let path = entry.map_err(|e| {
+            let unreadable = e.path().to_path_buf();
+            DataError::io("read a directory matched by the glob pattern:", unreadable, e.into())
+        })?;
+        paths.push(path);
+    }
+    paths.sort();
+
+    let root = glob_root(pattern);
+    let mut files = Vec::new();
+    for path in paths {
+        if path.is_dir() {
+            files.extend(list_directory(&path, &root)?);
+        } else {
+            files.push(SourceFile { key: relative_key(&path, &root), path });
+        }
+    }
+    if files.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "no file matches the glob pattern {pattern_text:?}; check the pattern or pass a directory"
+        )));
+    }
+    Ok(files)
+}
+
+fn is_glob_pattern(path: &Path) -> bool {
+    path.to_str().is_some_and(|text| text.contains(['*', '?', '[']))
+}
+
+/// Returns the leading components of `pattern` without a wildcard, which
+/// form the directory that the keys of its matches are relative to.
+fn glob_root(pattern: &Path) -> PathBuf {
+    pattern.components().take_while(|component| !is_glob_pattern(Path::new(component.as_os_str()))).collect()
+}
+
+/// `path` relative to `root`, joined with `/` on every platform so that keys,
+/// and the train/valid split derived from them, do not depend on the OS.
+fn relative_key(path: &Path, root: &Path) -> String {
+    let relative = path.strip_prefix(root).unwrap_or(path);
+    let parts: Vec<String> = relative
+        .components()
+        .filter(|component| matches!(component, Component::Normal(_)))
+        .map(|component| component.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    parts.join("/")
+}
+
+impl FileFormat {
+    /// Chooses the reader for `path`. A `.gz`, `.zst` or `.zstd` suffix sets
+    /// the compression. With [`Format::Auto`], the name before that suffix
+    /// sets the format: `.jsonl` and `.parquet` are those, and any other name is text.
+    pub(super) fn detect(path: &Path, format: Format) -> Self {
+        let name = path.file_name().map(|name| name.to_string_lossy().to_lowercase()).unwrap_or_default();
+        let (stem, compression) = if let Some(stem) = name.strip_suffix(".gz") {
+            (stem, Compression::Gzip)
+        } else if let Some(stem) = name.strip_suffix(".zst").or_else(|| name.strip_suffix(".zstd")) {
+            (stem, Compression::Zstd)
+        } else {
+            (name.as_str(), Compression::None)
+        };
+        match format {
+            Format::Text => Self::Text(compression),
+            Format::Jsonl => Self::Jsonl(compression),
+            Format::Parquet => Self::Parquet,
+            Format::Auto if stem.ends_with(".jsonl") => Self::Jsonl(compression),
+            Format::Auto if stem.ends_with(".parquet") && compression == Compression::None => Self::Parquet,
+            Format::Auto => Self::Text(compression),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(root: &Path, relative: &str, text: &str) {
+        let path = root.join(relative);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+
+    fn keys(files: &[SourceFile]) -> Vec<&str> {
+        files.iter().map(|file| file.key.as_str()).collect()
+    }
+
+    #[test]
+    fn directory_files_are_sorted_and_relative() {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus");
+        for relative in ["b.txt", "a/z.txt", "a/c.jsonl", "0.txt"] {
+            write(&corpus, relative, "x");
+        }
+        let files = list_source_files(&[&corpus]).unwrap();
+        assert_eq!(keys(&files), ["0.txt", "a/c.jsonl", "a/z.txt", "b.txt"]);
+        assert_eq!(files[1].path, corpus.join("a/c.jsonl"));
+    }
+
+    #[test]
+    fn single_file_key_is_file_name() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "deep/inside/doc.txt", "x");
+        let files = list_source_files(&[dir.path().join("deep/inside/doc.txt")]).unwrap();
+        assert_eq!(keys(&files), ["doc.txt"]);
+    }
+
+    #[test]
+    fn glob_matches_sorted_relative_to_root() {
+        let dir = tempfile::tempdir().unwrap();
+        for relative in ["data/2/b.jsonl", "data/1/a.jsonl", "data/1/skip.txt", "data/3/c.jsonl"] {
+            write(dir.path(), relative, "{}");
+        }
+        let pattern = dir.path().join("data/*/*.jsonl");
+        let files = list_source_files(&[&pattern]).unwrap();
+        assert_eq!(keys(&files), ["1/a.jsonl", "2/b.jsonl", "3/c.jsonl"]);
+
+        // The same corpus elsewhere gives the same keys.
+        let moved = tempfile::tempdir().unwrap();
+        std::fs::rename(dir.path().join("data"), moved.path().join("data")).unwrap();
+        let moved_files = list_source_files(&[moved.path().join("data/*/*.jsonl")]).unwrap();
+        assert_eq!(keys(&moved_files), keys(&files));
+    }
+
+    #[test]
+    fn glob_expands_matched_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "shards/x1/part.txt", "x");
+        write(dir.path(), "shards/x2/deeper/part.txt", "x");
+        write(dir.path(), "shards/y/part.txt", "x");
+        let files = list_source_files(&[dir.path().join("shards/x*")]).unwrap();
+        assert_eq!(keys(&files), ["x1/part.txt", "x2/deeper/part.txt"]);
+    }
+
+    #[test]
+    fn inputs_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "z.txt", "x");
+        write(dir.path(), "docs/a.txt", "x");
+        let files = list_source_files(&[dir.path().join("z.txt"), dir.path().join("docs")]).unwrap();
+        assert_eq!(keys(&files), ["z.txt", "a.txt"]);
+    }
+
+    #[test]
+    fn input_errors_name_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.txt", "x");
+
+        let no_match = list_source_files(&[dir.path().join("*.jsonl")]).unwrap_err().to_string();
+        assert!(no_match.contains("no file matches"), "{no_match}");
+        assert!(no_match.contains("*.jsonl"), "{no_match}");
+
+        let missing = list_source_files(&[dir.path().join("missing.txt")]).unwrap_err().to_string();
+        assert!(missing.contains("missing.txt"), "{missing}");
+
+        let overlap = list_source_files(&[dir.path().join("a.txt"), dir.path().join("*.txt")]).unwrap_err().to_string();
+        assert!(overlap.contains("more than one input"), "{overlap}");
+    }
+
+    #[test]
+    fn format_follows_extension_and_override() {
+        let cases = [
+            ("a.jsonl", Format::Auto, FileFormat::Jsonl(Compression::None)),
+            ("a.JSONL.gz", Format::Auto, FileFormat::Jsonl(Compression::Gzip)),
+            ("a.jsonl.zst", Format::Auto, FileFormat::Jsonl(Compression::Zstd)),
+            ("a.parquet", Format::Auto, FileFormat::Parquet),
+            ("a.json.gz", Format::Auto, FileFormat::Text(Compression::Gzip)),
+            ("a.txt", Format::Auto, FileFormat::Text(Compression::None)),
+            ("README", Format::Auto, FileFormat::Text(Compression::None)),
+            ("a.json.gz", Format::Jsonl, FileFormat::Jsonl(Compression::Gzip)),
+            ("a.jsonl", Format::Text, FileFormat::Text(Compression::None)),
+            ("table.bin", Format::Parquet, FileFormat::Parquet),
+        ];
+        for (name, format, expected) in cases {
+            assert_eq!(FileFormat::detect(Path::new(name), format), expected, "{name} with {format:?}");
+        }
+    }
+}
