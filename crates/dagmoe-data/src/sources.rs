@@ -277,7 +277,7 @@ impl DocumentSource {
     fn report_bad_record(&self, location: &str, reason: &str) -> Result<()> {
         if self.options.bad_records == BadRecordPolicy::Fail {
             return Err(DataError::Invalid(format!(
-                "{location}: {reason}; fix or remove this record, or set the bad-record policy to skip"
+                "{location}: {reason}; fix or remove this record, or skip bad records (--on-bad-record skip)"
             )));
         }
         let count = self.stats.bad_records;
