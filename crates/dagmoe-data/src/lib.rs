@@ -7,14 +7,17 @@
 mod error;
 pub mod loader;
 pub mod manifest;
+pub mod prefetch;
 pub mod prepare;
 pub mod rng;
 pub mod sft;
+pub mod sources;
 pub mod shard;
 pub mod tokenizer;
 
 pub use error::{DataError, Result};
-pub use loader::{Batch, EvalBatches, LoaderCursor, TokenStream, TrainLoader};
+pub use loader::{Batch, EvalBatches, LoaderCursor, MixtureComponent, TokenStream, TrainCursor, TrainLoader};
+pub use prefetch::{BatchProducer, Prefetcher};
 pub use manifest::{Manifest, ShardInfo, SplitInfo};
 pub use prepare::{PrepareOptions, PrepareSummary, prepare_corpus};
 pub use sft::{SftExample, SftLoader, load_sft};

@@ -159,52 +159,151 @@ impl EpochOrder {
     }
 }
 
-/// Training windows in a seeded order that changes every epoch.
-pub struct TrainLoader {
-    stream: TokenStream,
-    seq_len: usize,
-    batch_size: usize,
-    order: EpochOrder,
+/// One corpus of a training mixture: a token stream and its sampling weight.
+pub struct MixtureComponent {
+    pub name: String,
+    pub stream: TokenStream,
+    pub weight: f64,
 }
 
+/// Position of a [`TrainLoader`], saved in checkpoints: the rows drawn so far
+/// and each corpus's position in its own window order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrainCursor {
+    pub rows: u64,
+    pub corpora: Vec<LoaderCursor>,
+}
+
+struct Corpus {
+    name: String,
+    stream: TokenStream,
+    order: EpochOrder,
+    /// Upper end of this corpus's interval in `[0, 1)` of the weighted draw.
+    cumulative_weight: f64,
+}
+
+/// Training windows in a seeded order that changes every epoch, drawn from
+/// one corpus or from a weighted mixture of several.
+///
+/// Each row first draws its corpus, with the corpus weights as probabilities,
+/// then takes the next window of that corpus's own epoch order. The draw for
+/// row `r` depends only on the seed and `r`, so a cursor of `r` and the
+/// per-corpus positions restores the exact sequence.
+pub struct TrainLoader {
+    corpora: Vec<Corpus>,
+    seq_len: usize,
+    batch_size: usize,
+    pick_seed: u64,
+    rows: u64,
+}
+
+const WINDOW_ORDER_SALT: u64 = 0xD1B5_4A32_D192_ED03;
+const PICK_SALT: u64 = 0x6A09_E667_F3BC_C909;
+const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl TrainLoader {
+    /// Windows of a single token stream.
     pub fn new(stream: TokenStream, seq_len: usize, batch_size: usize, seed: u64) -> Result<Self> {
-        let windows = window_count(stream.len(), seq_len);
-        if windows == 0 {
-            return Err(DataError::Invalid(format!(
-                "the training split has {} tokens, fewer than seq_len + 1 = {}; prepare more data or lower data.seq_len",
-                stream.len(),
-                seq_len + 1
-            )));
-        }
-        if windows > u32::MAX as u64 {
-            return Err(DataError::Invalid(format!("{windows} windows exceed the loader's limit of 2^32")));
-        }
-        let order = EpochOrder::new(windows as usize, seed, 0xD1B5_4A32_D192_ED03);
-        Ok(Self { stream, seq_len, batch_size, order })
+        Self::mixture(vec![MixtureComponent { name: "train".into(), stream, weight: 1.0 }], seq_len, batch_size, seed)
     }
 
-    /// Windows per epoch.
+    /// Windows of several corpora, each row drawn from corpus `i` with
+    /// probability `weight_i / sum(weights)`.
+    pub fn mixture(components: Vec<MixtureComponent>, seq_len: usize, batch_size: usize, seed: u64) -> Result<Self> {
+        if components.is_empty() {
+            return Err(DataError::Invalid("a training mixture needs at least one corpus".into()));
+        }
+        let total_weight: f64 = components.iter().map(|c| c.weight).sum();
+        let mut corpora = Vec::with_capacity(components.len());
+        let mut cumulative = 0.0;
+        for (index, component) in components.into_iter().enumerate() {
+            if !(component.weight.is_finite() && component.weight > 0.0) {
+                return Err(DataError::Invalid(format!(
+                    "corpus {} has weight {}; give every corpus of a mixture a positive weight",
+                    component.name, component.weight
+                )));
+            }
+            let windows = window_count(component.stream.len(), seq_len);
+            if windows == 0 {
+                return Err(DataError::Invalid(format!(
+                    "corpus {} has {} training tokens, fewer than seq_len + 1 = {}; prepare more data or lower data.seq_len",
+                    component.name,
+                    component.stream.len(),
+                    seq_len + 1
+                )));
+            }
+            if windows > u32::MAX as u64 {
+                return Err(DataError::Invalid(format!(
+                    "corpus {} has {windows} windows, more than the loader's limit of 2^32",
+                    component.name
+                )));
+            }
+            // Corpus 0 keeps the plain seed, so a single-corpus loader's order
+            // does not depend on whether it was built as a mixture.
+            let corpus_seed = seed.wrapping_add((index as u64).wrapping_mul(GOLDEN_GAMMA));
+            cumulative += component.weight / total_weight;
+            corpora.push(Corpus {
+                name: component.name,
+                stream: component.stream,
+                order: EpochOrder::new(windows as usize, corpus_seed, WINDOW_ORDER_SALT),
+                cumulative_weight: cumulative,
+            });
+        }
+        Ok(Self { corpora, seq_len, batch_size, pick_seed: seed ^ PICK_SALT, rows: 0 })
+    }
+
+    /// Windows per epoch, summed over the corpora.
     pub fn windows(&self) -> usize {
-        self.order.len()
+        self.corpora.iter().map(|c| c.order.len()).sum()
     }
 
-    pub fn cursor(&self) -> LoaderCursor {
-        self.order.cursor()
+    /// Names of the corpora in mixture order.
+    pub fn corpus_names(&self) -> Vec<&str> {
+        self.corpora.iter().map(|c| c.name.as_str()).collect()
+    }
+
+    pub fn cursor(&self) -> TrainCursor {
+        TrainCursor { rows: self.rows, corpora: self.corpora.iter().map(|c| c.order.cursor()).collect() }
     }
 
     /// Moves to a saved position; the next batch is the one that followed it.
-    pub fn restore(&mut self, cursor: LoaderCursor) {
-        self.order.restore(cursor);
+    /// Fails when the cursor was saved by a loader over another number of corpora.
+    pub fn restore(&mut self, cursor: &TrainCursor) -> Result<()> {
+        if cursor.corpora.len() != self.corpora.len() {
+            return Err(DataError::Invalid(format!(
+                "the saved data position covers {} corpora but the loader has {}; resume with the data the run started with",
+                cursor.corpora.len(),
+                self.corpora.len()
+            )));
+        }
+        for (corpus, saved) in self.corpora.iter_mut().zip(&cursor.corpora) {
+            corpus.order.restore(*saved);
+        }
+        self.rows = cursor.rows;
+        Ok(())
     }
 
-    /// Returns the next `batch_size` windows, moving to the next epoch's order when one ends.
+    /// Index of the corpus that row `row` draws from.
+    fn corpus_for_row(&self, row: u64) -> usize {
+        if self.corpora.len() == 1 {
+            return 0;
+        }
+        let bits = SplitMix64::new(self.pick_seed.wrapping_add(row.wrapping_mul(GOLDEN_GAMMA))).next_u64();
+        let uniform = (bits >> 11) as f64 / (1u64 << 53) as f64;
+        self.corpora.iter().position(|c| uniform < c.cumulative_weight).unwrap_or(self.corpora.len() - 1)
+    }
+
+    /// Returns the next `batch_size` windows, moving each corpus to its next
+    /// epoch's order when one ends.
     pub fn next_batch(&mut self) -> Batch {
         let width = self.seq_len + 1;
         let mut tokens = vec![0u32; self.batch_size * width];
         for row in tokens.chunks_mut(width) {
-            let window = self.order.next_item() as u64;
-            self.stream.read(window * self.seq_len as u64, row);
+            let corpus_index = self.corpus_for_row(self.rows);
+            self.rows += 1;
+            let corpus = &mut self.corpora[corpus_index];
+            let window = corpus.order.next_item() as u64;
+            corpus.stream.read(window * self.seq_len as u64, row);
         }
         Batch {
             tokens,
@@ -281,12 +380,17 @@ mod tests {
 
     /// Builds a stream of `sizes.len()` shards whose tokens equal their stream position.
     fn positional_stream(dir: &Path, sizes: &[u64]) -> TokenStream {
+        offset_stream(dir, sizes, 0)
+    }
+
+    /// Like [`positional_stream`], with every token shifted by `offset`.
+    fn offset_stream(dir: &Path, sizes: &[u64], offset: u32) -> TokenStream {
         let mut shards = Vec::new();
-        let mut next = 0u32;
+        let mut next = offset;
         for (i, &size) in sizes.iter().enumerate() {
             let tokens: Vec<u32> = (next..next + size as u32).collect();
             next += size as u32;
-            let path = dir.join(format!("s{i}.bin"));
+            let path = dir.join(format!("s{offset}-{i}.bin"));
             let sha = write_shard(&path, &tokens, 4).unwrap();
             shards.push(Shard::open(&path, size, &sha, u32::MAX as usize).unwrap());
         }
@@ -342,7 +446,7 @@ mod tests {
             }
             let cursor = first.cursor();
             let mut resumed = TrainLoader::new(positional_stream(dir.path(), &[64, 64]), 5, 3, 11).unwrap();
-            resumed.restore(cursor);
+            resumed.restore(&cursor).unwrap();
             assert_eq!(resumed.next_batch(), batches[stop], "batch after a resume at {stop}");
         }
     }
@@ -384,5 +488,98 @@ mod tests {
         let stream = positional_stream(dir.path(), &[100]);
         let scored: usize = EvalBatches::new(&stream, 8, 8, 3, Some(30)).map(|b| b.target_count()).sum();
         assert_eq!(scored, 30);
+    }
+
+    const SECOND: u32 = 1_000_000;
+
+    fn two_corpus_loader(dir: &Path, weights: [f64; 2], seed: u64) -> TrainLoader {
+        let components = vec![
+            MixtureComponent { name: "a".into(), stream: offset_stream(dir, &[40, 23], 0), weight: weights[0] },
+            MixtureComponent { name: "b".into(), stream: offset_stream(dir, &[31], SECOND), weight: weights[1] },
+        ];
+        TrainLoader::mixture(components, 4, 3, seed).unwrap()
+    }
+
+    #[test]
+    fn mixture_draws_rows_by_weight() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut loader = two_corpus_loader(dir.path(), [3.0, 1.0], 5);
+        let mut from_second = 0;
+        let batches = 1000;
+        for _ in 0..batches {
+            let batch = loader.next_batch();
+            for row in batch.tokens.chunks(5) {
+                assert_eq!(row.to_vec(), (row[0]..row[0] + 5).collect::<Vec<u32>>(), "a window stays inside one corpus");
+                from_second += usize::from(row[0] >= SECOND);
+            }
+        }
+        let share = from_second as f64 / (batches * 3) as f64;
+        assert!((share - 0.25).abs() < 0.03, "corpus b drew {share:.3} of the rows, expected 0.25");
+    }
+
+    #[test]
+    fn mixture_epochs_cover_each_corpus_window_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut loader = two_corpus_loader(dir.path(), [1.0, 1.0], 9);
+        let mut second_starts = Vec::new();
+        // Corpus b has 30 / 4 = 7 windows; collect its first 7 draws.
+        while second_starts.len() < 7 {
+            for row in loader.next_batch().tokens.chunks(5) {
+                if row[0] >= SECOND && second_starts.len() < 7 {
+                    second_starts.push(row[0] - SECOND);
+                }
+            }
+        }
+        second_starts.sort_unstable();
+        assert_eq!(second_starts, (0..7).map(|w| w * 4).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn mixture_restore_continues_identically() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut reference = two_corpus_loader(dir.path(), [2.0, 1.0], 13);
+        // 60 batches of 3 rows run through several epochs of both corpora.
+        let batches: Vec<Batch> = (0..60).map(|_| reference.next_batch()).collect();
+        for stop in [0, 1, 9, 30, 59] {
+            let mut first = two_corpus_loader(dir.path(), [2.0, 1.0], 13);
+            for _ in 0..stop {
+                first.next_batch();
+            }
+            let mut resumed = two_corpus_loader(dir.path(), [2.0, 1.0], 13);
+            resumed.restore(&first.cursor()).unwrap();
+            let mut position = stop;
+            // Resume a second time a few batches later.
+            for _ in 0..(59 - stop).min(4) {
+                assert_eq!(resumed.next_batch(), batches[position], "batch {position} after a resume at {stop}");
+                position += 1;
+            }
+            let mut again = two_corpus_loader(dir.path(), [2.0, 1.0], 13);
+            again.restore(&resumed.cursor()).unwrap();
+            assert_eq!(again.next_batch(), batches[position], "batch {position} after a second resume");
+        }
+    }
+
+    #[test]
+    fn single_corpus_mixture_matches_plain_loader() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut plain = TrainLoader::new(positional_stream(dir.path(), &[64, 64]), 5, 3, 11).unwrap();
+        let component = MixtureComponent { name: "only".into(), stream: positional_stream(dir.path(), &[64, 64]), weight: 0.5 };
+        let mut mixture = TrainLoader::mixture(vec![component], 5, 3, 11).unwrap();
+        for _ in 0..30 {
+            assert_eq!(plain.next_batch(), mixture.next_batch());
+        }
+    }
+
+    #[test]
+    fn mixture_rejects_bad_weights_and_cursors() {
+        let dir = tempfile::tempdir().unwrap();
+        let component = MixtureComponent { name: "zero".into(), stream: positional_stream(dir.path(), &[64]), weight: 0.0 };
+        let error = TrainLoader::mixture(vec![component], 5, 3, 11).err().expect("zero weight is rejected").to_string();
+        assert!(error.contains("zero") && error.contains("positive weight"), "{error}");
+
+        let mut loader = two_corpus_loader(dir.path(), [1.0, 1.0], 1);
+        let single = TrainCursor { rows: 3, corpora: vec![LoaderCursor::default()] };
+        let error = loader.restore(&single).unwrap_err().to_string();
+        assert!(error.contains("covers 1 corpora but the loader has 2"), "{error}");
     }
 }

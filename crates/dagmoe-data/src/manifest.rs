@@ -10,26 +10,46 @@ use crate::{DataError, Result};
 pub const MANIFEST_FILE: &str = "manifest.json";
 
 /// Version of the manifest layout; bumped when a field changes meaning.
-pub const MANIFEST_VERSION: u32 = 1;
+/// Version 2 added the corpus name, BOS id, test split and record counts;
+/// version 1 manifests still load, with those fields empty.
+pub const MANIFEST_VERSION: u32 = 2;
 
 /// Description of a prepared data directory: tokenizer identity, splits and shards.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
     pub format_version: u32,
+    /// Corpus name, used to refer to it in mixtures and reports.
+    #[serde(default)]
+    pub name: String,
     /// SHA-256 of the `tokenizer.json` used to tokenize the documents.
     pub tokenizer_sha256: String,
     pub vocab_size: usize,
+    /// Token appended after every document.
     pub eos_id: u32,
+    /// Token inserted before every document, or none.
+    #[serde(default)]
+    pub bos_id: Option<u32>,
     /// Bytes per token in the shards: 2 when the vocabulary fits in `u16`, else 4.
     pub token_bytes: u32,
     /// Fraction of documents assigned to the validation split by hash of their path.
     pub valid_fraction: f64,
+    /// Fraction of documents assigned to the test split, after the validation share.
+    #[serde(default)]
+    pub test_fraction: f64,
     /// Input the documents were read from, as given to `dagmoe data prepare`.
     pub source: String,
-    /// Documents skipped because they were empty or not valid UTF-8.
+    /// Documents skipped because they were empty or not valid UTF-8, or
+    /// records that could not be read: `empty_documents + bad_records`.
     pub skipped_documents: u64,
+    #[serde(default)]
+    pub empty_documents: u64,
+    /// Records skipped as unreadable: invalid JSON or UTF-8, a missing or non-text field.
+    #[serde(default)]
+    pub bad_records: u64,
     pub train: SplitInfo,
     pub valid: SplitInfo,
+    #[serde(default)]
+    pub test: SplitInfo,
 }
 
 /// Counts and shards of one split.
@@ -53,11 +73,12 @@ pub struct ShardInfo {
     pub sha256: String,
 }
 
-/// The two splits of a prepared directory.
+/// The splits of a prepared directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
     Train,
     Valid,
+    Test,
 }
 
 impl Split {
@@ -65,6 +86,7 @@ impl Split {
         match self {
             Split::Train => "train",
             Split::Valid => "valid",
+            Split::Test => "test",
         }
     }
 }
@@ -78,7 +100,7 @@ impl Manifest {
             path: path.clone(),
             message: format!("{e}; rerun `dagmoe data prepare` to rebuild it"),
         })?;
-        if manifest.format_version != MANIFEST_VERSION {
+        if !(1..=MANIFEST_VERSION).contains(&manifest.format_version) {
             return Err(DataError::Manifest {
                 path,
                 message: format!(
@@ -94,6 +116,7 @@ impl Manifest {
         match split {
             Split::Train => &self.train,
             Split::Valid => &self.valid,
+            Split::Test => &self.test,
         }
     }
 

@@ -2,8 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::manifest::{MANIFEST_FILE, MANIFEST_VERSION, Manifest, ShardInfo, SplitInfo};
+use crate::manifest::{MANIFEST_FILE, MANIFEST_VERSION, Manifest, ShardInfo, Split, SplitInfo};
 use crate::shard::{token_bytes_for_vocab, write_shard};
+use crate::sources::{DocumentSource, Segment, SourceOptions};
 use crate::tokenizer::{TextTokenizer, sha256_hex};
 use crate::{DataError, Result};
 
@@ -13,16 +14,42 @@ pub const MIN_SHARD_TOKENS: usize = 1024;
 /// Settings of one `prepare` run.
 #[derive(Debug, Clone)]
 pub struct PrepareOptions {
-    /// A text file, or a directory read recursively with one document per file.
-    pub input: PathBuf,
+    /// Files, directories or glob patterns to read documents from.
+    pub inputs: Vec<PathBuf>,
     /// The prepared directory to create; it must not exist yet.
     pub output: PathBuf,
-    /// Fraction of documents, chosen by a hash of their relative path, held out for validation.
+    /// Corpus name recorded in the manifest.
+    pub name: String,
+    /// How documents are read from the inputs.
+    pub source: SourceOptions,
+    /// Fraction of documents, chosen by a hash of their key, held out for validation.
     pub valid_fraction: f64,
+    /// Fraction of documents, chosen the same way, held out as a test split.
+    pub test_fraction: f64,
     /// Maximum tokens per shard file.
     pub shard_tokens: usize,
-    /// Number of documents tokenized together in one parallel batch.
+    /// Number of segments tokenized together in one parallel batch.
     pub batch_documents: usize,
+    /// Special token inserted before every document, if any.
+    pub bos_token: Option<String>,
+}
+
+impl PrepareOptions {
+    /// Options with the defaults of `dagmoe data prepare`, named after the output directory.
+    pub fn new(inputs: Vec<PathBuf>, output: PathBuf) -> Self {
+        let name = output.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "corpus".into());
+        Self {
+            inputs,
+            output,
+            name,
+            source: SourceOptions::default(),
+            valid_fraction: 0.05,
+            test_fraction: 0.0,
+            shard_tokens: 1 << 24,
+            batch_documents: 256,
+            bos_token: None,
+        }
+    }
 }
 
 /// Counts reported after a `prepare` run.
@@ -63,44 +90,163 @@ pub fn list_documents(input: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads every document under `input` as UTF-8, skipping empty and non-UTF-8 files.
-/// Returns `(relative path, text)` pairs and the number skipped.
-pub fn read_documents(input: &Path) -> Result<(Vec<(String, String)>, u64)> {
-    let mut documents = Vec::new();
-    let mut skipped = 0;
-    for path in list_documents(input)? {
-        let bytes = std::fs::read(&path).map_err(|e| DataError::io("read document", &path, e))?;
-        let relative = path.strip_prefix(input).unwrap_or(&path).to_string_lossy().into_owned();
-        match String::from_utf8(bytes) {
-            Ok(text) if !text.trim().is_empty() => documents.push((relative, text)),
-            Ok(_) => skipped += 1,
-            Err(_) => {
-                tracing::warn!(path = %path.display(), "skipping a document that is not valid UTF-8");
-                skipped += 1;
-            }
-        }
+fn open_source(options: &PrepareOptions) -> Result<DocumentSource> {
+    DocumentSource::open(&options.inputs, options.source.clone())
+}
+
+/// Returns whether a document belongs to the validation split.
+pub fn is_validation_document(key: &str, valid_fraction: f64) -> bool {
+    split_of(key, valid_fraction, 0.0) == Split::Valid
+}
+
+/// Assigns a document to a split by a hash of its key: validation below
+/// `valid_fraction`, test in the next `test_fraction`, train above. The
+/// decision depends only on the key, so adding or removing other documents
+/// never moves a document between splits.
+pub fn split_of(key: &str, valid_fraction: f64, test_fraction: f64) -> Split {
+    let digest = sha256_hex(key.as_bytes());
+    let value = u64::from_str_radix(&digest[..16], 16).unwrap_or(0) as f64 / u64::MAX as f64;
+    if value < valid_fraction {
+        Split::Valid
+    } else if value < valid_fraction + test_fraction {
+        Split::Test
+    } else {
+        Split::Train
     }
-    Ok((documents, skipped))
 }
 
-/// Returns whether a document belongs to the validation split. The decision
-/// depends only on the document's relative path, so adding or removing other
-/// documents never moves a document between splits.
-pub fn is_validation_document(relative_path: &str, valid_fraction: f64) -> bool {
-    let digest = sha256_hex(relative_path.as_bytes());
-    let value = u64::from_str_radix(&digest[..16], 16).unwrap_or(0);
-    (value as f64 / u64::MAX as f64) < valid_fraction
+/// Counts reported while `prepare_corpus` runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PrepareProgress {
+    /// Documents finished so far.
+    pub documents: u64,
+    /// UTF-8 bytes of text tokenized so far.
+    pub bytes: u64,
+    pub tokens: u64,
 }
 
-/// Tokenizes the documents under `options.input` into `options.output`.
+/// Largest amount of text gathered for one parallel encoding batch.
+const BATCH_BYTES: usize = 16 << 20;
+
+/// Tokenizes the documents of `options.input` into `options.output`, calling
+/// `on_progress` after each parallel batch.
 ///
 /// The output is built in a temporary sibling directory and renamed when it
 /// is complete, so an interrupted run never leaves a directory that looks prepared.
-pub fn prepare_corpus(tokenizer: &TextTokenizer, options: &PrepareOptions) -> Result<PrepareSummary> {
-    if !(0.0..=1.0).contains(&options.valid_fraction) {
+pub fn prepare_corpus(
+    tokenizer: &TextTokenizer,
+    options: &PrepareOptions,
+    on_progress: &mut dyn FnMut(PrepareProgress),
+) -> Result<PrepareSummary> {
+    check_options(options)?;
+    let bos_id = match &options.bos_token {
+        Some(token) => Some(tokenizer.token_id(token).ok_or_else(|| {
+            DataError::Invalid(format!(
+                "BOS token {token:?} is not in the tokenizer {}; pass a token of its vocabulary or leave out --bos-token",
+                tokenizer.path().display()
+            ))
+        })?),
+        None => None,
+    };
+    let staging = staging_dir(&options.output);
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).map_err(|e| DataError::io("remove stale directory", &staging, e))?;
+    }
+    std::fs::create_dir_all(&staging).map_err(|e| DataError::io("create directory", &staging, e))?;
+    let result = write_prepared(tokenizer, options, bos_id, &staging, on_progress);
+    if result.is_err() {
+        // Best effort: the staging directory is hidden and never mistaken for
+        // a prepared one, and the next run removes it anyway.
+        let _ = std::fs::remove_dir_all(&staging);
+    }
+    result
+}
+
+/// Tokenizes the documents into `staging`, then renames it to `options.output`.
+fn write_prepared(
+    tokenizer: &TextTokenizer,
+    options: &PrepareOptions,
+    bos_id: Option<u32>,
+    staging: &Path,
+    on_progress: &mut dyn FnMut(PrepareProgress),
+) -> Result<PrepareSummary> {
+    let token_bytes = token_bytes_for_vocab(tokenizer.vocab_size());
+    let mut writers = [
+        SplitWriter::new("train", staging, token_bytes, options.shard_tokens),
+        SplitWriter::new("valid", staging, token_bytes, options.shard_tokens),
+        SplitWriter::new("test", staging, token_bytes, options.shard_tokens),
+    ];
+    let mut encoder = SegmentEncoder {
+        tokenizer,
+        bos_id,
+        eos_id: tokenizer.eos_id(),
+        valid_fraction: options.valid_fraction,
+        test_fraction: options.test_fraction,
+        document_open: false,
+        progress: PrepareProgress::default(),
+    };
+    let mut source = open_source(options)?;
+    let mut pending: Vec<Segment> = Vec::new();
+    let mut pending_bytes = 0;
+    for segment in source.by_ref() {
+        let segment = segment?;
+        pending_bytes += segment.text.len();
+        pending.push(segment);
+        if pending.len() >= options.batch_documents.max(1) || pending_bytes >= BATCH_BYTES {
+            encoder.encode(&pending, &mut writers)?;
+            on_progress(encoder.progress);
+            pending.clear();
+            pending_bytes = 0;
+        }
+    }
+    encoder.encode(&pending, &mut writers)?;
+    on_progress(encoder.progress);
+    let stats = source.stats();
+    if encoder.progress.documents == 0 {
         return Err(DataError::Invalid(format!(
-            "valid fraction {} is outside [0, 1]; pass a value such as 0.05",
-            options.valid_fraction
+            "{} contains no usable document ({} empty, {} unreadable records); pass text files, JSONL or Parquet with a text field",
+            describe_inputs(&options.inputs),
+            stats.empty_documents,
+            stats.bad_records
+        )));
+    }
+
+    let [train, valid, test] = writers;
+    let manifest = Manifest {
+        format_version: MANIFEST_VERSION,
+        name: options.name.clone(),
+        tokenizer_sha256: tokenizer.sha256().to_string(),
+        vocab_size: tokenizer.vocab_size(),
+        eos_id: tokenizer.eos_id(),
+        bos_id,
+        token_bytes,
+        valid_fraction: options.valid_fraction,
+        test_fraction: options.test_fraction,
+        source: describe_inputs(&options.inputs),
+        skipped_documents: stats.empty_documents + stats.bad_records,
+        empty_documents: stats.empty_documents,
+        bad_records: stats.bad_records,
+        train: train.finish()?,
+        valid: valid.finish()?,
+        test: test.finish()?,
+    };
+    let manifest_path = staging.join(MANIFEST_FILE);
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    std::fs::write(&manifest_path, json).map_err(|e| DataError::io("write manifest", &manifest_path, e))?;
+    std::fs::rename(staging, &options.output).map_err(|e| DataError::io("rename prepared directory to", &options.output, e))?;
+    Ok(PrepareSummary { manifest, output: options.output.clone() })
+}
+
+fn check_options(options: &PrepareOptions) -> Result<()> {
+    for (flag, value) in [("--valid-fraction", options.valid_fraction), ("--test-fraction", options.test_fraction)] {
+        if !(0.0..=1.0).contains(&value) {
+            return Err(DataError::Invalid(format!("{flag} {value} is outside [0, 1]; pass a value such as 0.05")));
+        }
+    }
+    if options.valid_fraction + options.test_fraction >= 1.0 {
+        return Err(DataError::Invalid(format!(
+            "--valid-fraction {} and --test-fraction {} leave no documents for training; keep their sum below 1",
+            options.valid_fraction, options.test_fraction
         )));
     }
     if options.shard_tokens < MIN_SHARD_TOKENS {
@@ -115,50 +261,54 @@ pub fn prepare_corpus(tokenizer: &TextTokenizer, options: &PrepareOptions) -> Re
             options.output.display()
         )));
     }
-    let (documents, skipped) = read_documents(&options.input)?;
-    if documents.is_empty() {
-        return Err(DataError::Invalid(format!(
-            "{} contains no usable document ({skipped} files were empty or not UTF-8 text); pass a directory of text files",
-            options.input.display()
-        )));
-    }
-    let staging = staging_dir(&options.output);
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(|e| DataError::io("remove stale directory", &staging, e))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(|e| DataError::io("create directory", &staging, e))?;
+    Ok(())
+}
 
-    let token_bytes = token_bytes_for_vocab(tokenizer.vocab_size());
-    let mut train = SplitWriter::new("train", &staging, token_bytes, options.shard_tokens);
-    let mut valid = SplitWriter::new("valid", &staging, token_bytes, options.shard_tokens);
-    let eos = tokenizer.eos_id();
-    for chunk in documents.chunks(options.batch_documents.max(1)) {
-        let texts: Vec<&str> = chunk.iter().map(|(_, text)| text.as_str()).collect();
-        let encoded = tokenizer.encode_batch(texts)?;
-        for ((relative, text), mut ids) in chunk.iter().zip(encoded) {
-            ids.push(eos);
-            let writer = if is_validation_document(relative, options.valid_fraction) { &mut valid } else { &mut train };
-            writer.push_document(&ids, text.len() as u64)?;
+/// Encodes segments in parallel batches and routes their tokens to the splits.
+struct SegmentEncoder<'a> {
+    tokenizer: &'a TextTokenizer,
+    bos_id: Option<u32>,
+    eos_id: u32,
+    valid_fraction: f64,
+    test_fraction: f64,
+    /// A document has segments written and its last one is still to come.
+    document_open: bool,
+    progress: PrepareProgress,
+}
+
+impl SegmentEncoder<'_> {
+    fn encode(&mut self, segments: &[Segment], writers: &mut [SplitWriter<'_>; 3]) -> Result<()> {
+        if segments.is_empty() {
+            return Ok(());
         }
+        let texts: Vec<&str> = segments.iter().map(|s| s.text.as_str()).collect();
+        let encoded = self.tokenizer.encode_batch(texts)?;
+        for (segment, mut ids) in segments.iter().zip(encoded) {
+            let writer = match split_of(&segment.key, self.valid_fraction, self.test_fraction) {
+                Split::Train => &mut writers[0],
+                Split::Valid => &mut writers[1],
+                Split::Test => &mut writers[2],
+            };
+            if !self.document_open {
+                if let Some(bos) = self.bos_id {
+                    ids.insert(0, bos);
+                }
+            }
+            self.document_open = !segment.end_of_document;
+            if segment.end_of_document {
+                ids.push(self.eos_id);
+                self.progress.documents += 1;
+            }
+            self.progress.bytes += segment.text.len() as u64;
+            self.progress.tokens += ids.len() as u64;
+            writer.push(&ids, segment.text.len() as u64, segment.end_of_document)?;
+        }
+        Ok(())
     }
+}
 
-    let manifest = Manifest {
-        format_version: MANIFEST_VERSION,
-        tokenizer_sha256: tokenizer.sha256().to_string(),
-        vocab_size: tokenizer.vocab_size(),
-        eos_id: eos,
-        token_bytes,
-        valid_fraction: options.valid_fraction,
-        source: options.input.display().to_string(),
-        skipped_documents: skipped,
-        train: train.finish()?,
-        valid: valid.finish()?,
-    };
-    let manifest_path = staging.join(MANIFEST_FILE);
-    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
-    std::fs::write(&manifest_path, json).map_err(|e| DataError::io("write manifest", &manifest_path, e))?;
-    std::fs::rename(&staging, &options.output).map_err(|e| DataError::io("rename prepared directory to", &options.output, e))?;
-    Ok(PrepareSummary { manifest, output: options.output.clone() })
+fn describe_inputs(inputs: &[PathBuf]) -> String {
+    inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn staging_dir(output: &Path) -> PathBuf {
@@ -181,8 +331,9 @@ impl<'a> SplitWriter<'a> {
         Self { name, dir, token_bytes, shard_tokens: shard_tokens.max(1), buffer: Vec::new(), info: SplitInfo::default() }
     }
 
-    fn push_document(&mut self, ids: &[u32], bytes: u64) -> Result<()> {
-        self.info.documents += 1;
+    /// Appends the tokens of one segment; `end_of_document` counts the document.
+    fn push(&mut self, ids: &[u32], bytes: u64, end_of_document: bool) -> Result<()> {
+        self.info.documents += u64::from(end_of_document);
         self.info.tokens += ids.len() as u64;
         self.info.bytes += bytes;
         self.buffer.extend_from_slice(ids);

@@ -54,6 +54,11 @@ impl TextTokenizer {
         self.eos_id
     }
 
+    /// Id of a token of the vocabulary, special tokens included.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     /// SHA-256 of the `tokenizer.json` bytes, which identifies the tokenizer in manifests.
     pub fn sha256(&self) -> &str {
         &self.sha256

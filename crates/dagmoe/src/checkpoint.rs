@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor, TensorData};
-use dagmoe_data::LoaderCursor;
 use dagmoe_model::DagMoeModel;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
+use crate::batches::DataCursor;
 use crate::config::{RunConfig, parse_config};
 use crate::error::{Error, Result};
 use crate::optim::{AdamW, Moments};
@@ -44,7 +44,7 @@ pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: u64,
     pub tokens_seen: u64,
-    pub loader: LoaderCursor,
+    pub loader: DataCursor,
     pub tokenizer_sha256: String,
     /// SHA-256 over the training split's shard checksums: the loader cursor
     /// is meaningful only for the same token stream.

@@ -6,7 +6,8 @@
 
 use std::path::Path;
 
-use dagmoe_data::prepare::{is_validation_document, read_documents};
+use dagmoe_data::prepare::is_validation_document;
+use dagmoe_data::sources::{SourceOptions, read_all};
 use dagmoe_data::rng::SplitMix64;
 
 use crate::error::{Error, Result};
@@ -30,7 +31,7 @@ pub fn make_cloze(input: &Path, options: &ClozeOptions) -> Result<Vec<ChoiceItem
     if options.choices < 2 {
         return Err(Error::Usage(format!("invalid --choices {}: use at least 2", options.choices)));
     }
-    let (documents, _) = read_documents(input)?;
+    let (documents, _) = read_all(&[input], SourceOptions::default())?;
     let held_out: Vec<Vec<String>> = documents
         .iter()
         .filter(|(path, _)| is_validation_document(path, options.valid_fraction))

@@ -1,13 +1,16 @@
 //! The work behind each subcommand that is more than a call into `train`.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use dagmoe_data::{PrepareOptions, PrepareSummary, TextTokenizer, TokenStream};
-use dagmoe_data::manifest::Split;
+use dagmoe_data::sources::SourceOptions;
 use dagmoe_model::{ParamCounts, parse_device};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::batches::open_training_corpora;
 use crate::checkpoint::Checkpoint;
 use crate::config::{RunConfig, parse_config};
 use crate::error::{Error, Result};
@@ -16,19 +19,21 @@ use crate::generate::{SamplingOptions, generate};
 use crate::tasks::{TaskResult, load_task, score_task};
 use crate::train::set_threads;
 
-/// Trains a byte-level BPE tokenizer on the documents under `input`.
-pub fn train_tokenizer(input: &Path, vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
+/// Trains a byte-level BPE tokenizer on the documents of `inputs`.
+pub fn train_tokenizer(inputs: &[PathBuf], source: &SourceOptions, vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
     if output.exists() {
         return Err(Error::Usage(format!(
             "tokenizer {} already exists; delete it or pass another --output",
             output.display()
         )));
     }
-    let (documents, skipped) = dagmoe_data::prepare::read_documents(input)?;
+    let (documents, stats) = dagmoe_data::sources::read_all(inputs, source.clone())?;
     if documents.is_empty() {
         return Err(Error::Usage(format!(
-            "{} contains no usable document ({skipped} files were empty or not UTF-8 text); pass a directory of text files",
-            input.display()
+            "{} contains no usable document ({} empty, {} unreadable records); pass text files, JSONL or Parquet with a text field",
+            inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            stats.empty_documents,
+            stats.bad_records
         )));
     }
     let texts: Vec<String> = documents.into_iter().map(|(_, text)| text).collect();
@@ -53,10 +58,29 @@ pub fn import_tokenizer(source: &Path, output: &Path) -> Result<TextTokenizer> {
     Ok(TextTokenizer::load(output)?)
 }
 
-/// Tokenizes a corpus into a prepared directory.
+/// Tokenizes a corpus into a prepared directory, with a progress line on a terminal.
 pub fn prepare(tokenizer_path: &Path, options: &PrepareOptions) -> Result<PrepareSummary> {
     let tokenizer = TextTokenizer::load(tokenizer_path)?;
-    Ok(dagmoe_data::prepare_corpus(&tokenizer, options)?)
+    let progress = ProgressBar::new_spinner();
+    if std::io::stderr().is_terminal() {
+        progress.set_draw_target(ProgressDrawTarget::stderr());
+        progress.set_style(ProgressStyle::with_template("{spinner} prepare {msg} [{elapsed}]").expect("the progress template is valid"));
+    } else {
+        progress.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let summary = dagmoe_data::prepare_corpus(&tokenizer, options, &mut |done| {
+        let megabytes = done.bytes as f64 / 1e6;
+        progress.set_message(format!(
+            "{} documents, {megabytes:.1} MB, {} tokens, {:.2} MB/s",
+            done.documents,
+            done.tokens,
+            megabytes / started.elapsed().as_secs_f64().max(1e-9)
+        ));
+        progress.tick();
+    });
+    progress.finish_and_clear();
+    Ok(summary?)
 }
 
 /// Builds a fine-tuning config: `[data]` and `[train]` from `file`, `[model]`
@@ -140,14 +164,15 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
             "nothing to evaluate: pass --data NAME=DIR or --task NAME=FILE, or set data.valid in the config".into(),
         ));
     }
-    // The unigram baseline needs the training split; it is skipped when that data is gone.
-    let unigram = config
-        .data
-        .train
-        .as_ref()
-        .and_then(|dir| Some((dir, dagmoe_data::Manifest::load(dir).ok()?)))
-        .and_then(|(dir, manifest)| TokenStream::open(dir, &manifest, Split::Train).ok())
-        .map(|stream| Unigram::fit(&stream, config.model.vocab_size));
+    // The unigram baseline needs the training split; it is skipped when that
+    // data is gone or the run fine-tuned on examples.
+    let unigram = match config.data.sft {
+        Some(_) => None,
+        None => open_training_corpora(config, &identity).ok().map(|corpora| {
+            let weighted: Vec<(&TokenStream, f64)> = corpora.iter().map(|c| (&c.stream, c.weight)).collect();
+            Unigram::fit_mixture(&weighted, config.model.vocab_size)
+        }),
+    };
     let limit = options.eval_tokens.unwrap_or(config.data.eval_tokens);
     let seq_len = config.data.seq_len;
     let stride = options.stride.unwrap_or(seq_len);

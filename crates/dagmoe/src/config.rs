@@ -23,9 +23,13 @@ pub struct RunConfig {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Prepared data directory (from `dagmoe data prepare`) whose train split
-    /// is trained on; exactly one of `train` and `sft` is set.
+    /// is trained on; exactly one of `train`, `mixture` and `sft` is set.
     #[serde(default)]
     pub train: Option<PathBuf>,
+    /// Named prepared directories trained on together: each sequence comes
+    /// from corpus `i` with probability `weight_i / sum(weights)`.
+    #[serde(default)]
+    pub mixture: BTreeMap<String, MixtureEntry>,
     /// JSONL of prompt/response pairs or chats for supervised fine-tuning,
     /// where only response tokens are scored.
     #[serde(default)]
@@ -43,6 +47,20 @@ pub struct DataConfig {
     /// Named multiple-choice task files (JSONL), scored at every evaluation.
     #[serde(default)]
     pub tasks: BTreeMap<String, PathBuf>,
+    /// Training batches read ahead on a background thread; 0 reads each
+    /// batch on the training thread when the step needs it.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+/// One corpus of `[data.mixture]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixtureEntry {
+    /// Prepared data directory whose train split is sampled.
+    pub path: PathBuf,
+    /// Relative sampling weight; the weights need not sum to 1.
+    pub weight: f64,
 }
 
 /// `[train]`
@@ -126,6 +144,9 @@ pub enum Schedule {
 
 fn one() -> usize {
     1
+}
+fn default_prefetch() -> usize {
+    4
 }
 fn default_min_lr_ratio() -> f64 {
     0.1
@@ -224,10 +245,30 @@ fn parse_value(raw: &str) -> toml::Value {
 /// Checks the values that serde cannot: ranges and relations between fields.
 pub fn validate(config: &RunConfig) -> std::result::Result<(), String> {
     config.model.validate().map_err(|e| e.to_string())?;
-    match (&config.data.train, &config.data.sft) {
-        (Some(_), Some(_)) => return Err("data.train and data.sft are both set: train on one of them".into()),
-        (None, None) => return Err("missing data.train (a prepared directory) or data.sft (a JSONL file); set one".into()),
-        _ => {}
+    let data = &config.data;
+    let sources = [
+        data.train.as_ref().map(|_| "data.train"),
+        (!data.mixture.is_empty()).then_some("data.mixture"),
+        data.sft.as_ref().map(|_| "data.sft"),
+    ];
+    let set: Vec<&str> = sources.into_iter().flatten().collect();
+    match set.as_slice() {
+        [] => {
+            return Err(
+                "missing training data: set data.train (a prepared directory), data.mixture (weighted prepared directories) or data.sft (a JSONL file)"
+                    .into(),
+            );
+        }
+        [_] => {}
+        several => return Err(format!("{} are set together: train on one of them", several.join(" and "))),
+    }
+    for (name, entry) in &data.mixture {
+        if !(entry.weight.is_finite() && entry.weight > 0.0) {
+            return Err(format!("invalid data.mixture.{name}.weight = {}: use a positive number", entry.weight));
+        }
+    }
+    if data.prefetch > 1024 {
+        return Err(format!("invalid data.prefetch = {}: use at most 1024 batches, or 0 to read on the training thread", data.prefetch));
     }
     let train = &config.train;
     let positive = [

@@ -66,6 +66,22 @@ pub fn open_eval_set(name: &str, dir: &Path, expected: &DataIdentity) -> Result<
     Ok(EvalSet { name: name.to_string(), dir: dir.to_path_buf(), manifest, stream })
 }
 
+/// Counts each token id of `stream`, starting every count at one (add-one smoothing).
+fn token_counts(stream: &TokenStream, vocab_size: usize) -> Vec<u64> {
+    let mut counts = vec![1u64; vocab_size];
+    let mut buffer = vec![0u32; 1 << 16];
+    let mut start = 0;
+    while start < stream.len() {
+        let take = (stream.len() - start).min(buffer.len() as u64) as usize;
+        stream.read(start, &mut buffer[..take]);
+        for &token in &buffer[..take] {
+            counts[token as usize] += 1;
+        }
+        start += take as u64;
+    }
+    counts
+}
+
 /// Add-one smoothed unigram distribution of a token stream: the baseline a
 /// language model must beat.
 pub struct Unigram {
@@ -74,19 +90,22 @@ pub struct Unigram {
 
 impl Unigram {
     pub fn fit(stream: &TokenStream, vocab_size: usize) -> Self {
-        let mut counts = vec![1u64; vocab_size];
-        let mut buffer = vec![0u32; 1 << 16];
-        let mut start = 0;
-        while start < stream.len() {
-            let take = (stream.len() - start).min(buffer.len() as u64) as usize;
-            stream.read(start, &mut buffer[..take]);
-            for &token in &buffer[..take] {
-                counts[token as usize] += 1;
+        Self::fit_mixture(&[(stream, 1.0)], vocab_size)
+    }
+
+    /// Fits the unigram of a weighted mixture: each stream's smoothed
+    /// distribution, averaged with the normalised weights.
+    pub fn fit_mixture(streams: &[(&TokenStream, f64)], vocab_size: usize) -> Self {
+        let total_weight: f64 = streams.iter().map(|(_, w)| w).sum();
+        let mut probs = vec![0.0f64; vocab_size];
+        for (stream, weight) in streams {
+            let counts = token_counts(stream, vocab_size);
+            let total: u64 = counts.iter().sum();
+            for (prob, count) in probs.iter_mut().zip(&counts) {
+                *prob += weight / total_weight * (*count as f64 / total as f64);
             }
-            start += take as u64;
         }
-        let total: u64 = counts.iter().sum();
-        Self { log_probs: counts.iter().map(|&c| (c as f64 / total as f64).ln()).collect() }
+        Self { log_probs: probs.iter().map(|p| p.ln()).collect() }
     }
 
     fn nll(&self, token: u32) -> f64 {

@@ -13,6 +13,7 @@ use dagmoe::eval::{format_table, format_task_table};
 use dagmoe::train::install_interrupt_handler;
 use dagmoe::{Error, Result, Start};
 use dagmoe_data::PrepareOptions;
+use dagmoe_data::sources::{BadRecordPolicy, Format, SourceOptions};
 
 #[derive(Parser)]
 #[command(name = "dagmoe", version, about = "Pretrain, fine-tune and evaluate Mixture-of-Experts language models")]
@@ -131,9 +132,11 @@ enum Command {
 enum DataCommand {
     /// Train a byte-level BPE tokenizer, or import an existing tokenizer.json.
     Tokenizer {
-        /// Corpus file or directory (one document per file) to train on.
+        /// Text file, directory, glob pattern, JSONL or Parquet file to train on; repeat for several.
         #[arg(long, required_unless_present = "from")]
-        input: Option<PathBuf>,
+        input: Vec<PathBuf>,
+        #[command(flatten)]
+        source: SourceArgs,
         /// Vocabulary size, special tokens included.
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
@@ -164,24 +167,90 @@ enum DataCommand {
         #[arg(long, default_value_t = 0.05)]
         valid_fraction: f64,
     },
-    /// Tokenize a corpus into binary shards with a manifest and a train/valid split.
+    /// Tokenize a corpus into binary shards with a manifest and train/valid/test splits.
     Prepare {
-        /// Corpus file or directory (one document per file).
-        #[arg(long)]
-        input: PathBuf,
+        /// Text file, directory (read recursively), glob pattern, JSONL (`.jsonl`,
+        /// `.jsonl.gz`, `.jsonl.zst`) or Parquet file; repeat for several.
+        #[arg(long, required = true)]
+        input: Vec<PathBuf>,
         /// The tokenizer.json to encode with.
         #[arg(long)]
         tokenizer: PathBuf,
-        /// Prepared directory to create.
+        /// Prepared directory to create; several corpora can sit side by side under one parent.
         #[arg(long)]
         output: PathBuf,
-        /// Fraction of documents held out for validation, chosen by a hash of their path.
+        /// Corpus name recorded in the manifest; defaults to the output directory's name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        source: SourceArgs,
+        /// Fraction of documents held out for validation, chosen by a hash of their key.
         #[arg(long, default_value_t = 0.05)]
         valid_fraction: f64,
+        /// Fraction of documents held out as a test split, chosen the same way.
+        #[arg(long, default_value_t = 0.0)]
+        test_fraction: f64,
+        /// Special token to insert before every document (none by default;
+        /// an EOS token always follows every document).
+        #[arg(long)]
+        bos_token: Option<String>,
         /// Maximum tokens per shard file.
         #[arg(long, default_value_t = 1 << 24)]
         shard_tokens: usize,
     },
+}
+
+/// How `data tokenizer` and `data prepare` read documents.
+#[derive(Debug, clap::Args)]
+struct SourceArgs {
+    /// Input format; `auto` chooses by file extension.
+    #[arg(long, value_enum, default_value_t = FormatArg::Auto)]
+    format: FormatArg,
+    /// JSONL field or Parquet column holding the document text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Split each text file into documents at this string (for example a
+    /// line of its own); by default each file is one document.
+    #[arg(long)]
+    separator: Option<String>,
+    /// What to do with an unreadable record (invalid JSON or UTF-8, a
+    /// missing or non-text field): skip and count it, or stop.
+    #[arg(long, value_enum, default_value_t = BadRecordArg::Skip)]
+    on_bad_record: BadRecordArg,
+}
+
+impl SourceArgs {
+    fn options(self) -> SourceOptions {
+        SourceOptions {
+            format: match self.format {
+                FormatArg::Auto => Format::Auto,
+                FormatArg::Text => Format::Text,
+                FormatArg::Jsonl => Format::Jsonl,
+                FormatArg::Parquet => Format::Parquet,
+            },
+            text_field: self.text_field,
+            separator: self.separator,
+            bad_records: match self.on_bad_record {
+                BadRecordArg::Skip => BadRecordPolicy::Skip,
+                BadRecordArg::Fail => BadRecordPolicy::Fail,
+            },
+            ..SourceOptions::default()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Auto,
+    Text,
+    Jsonl,
+    Parquet,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum BadRecordArg {
+    Skip,
+    Fail,
 }
 
 fn main() -> ExitCode {
@@ -294,11 +363,10 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Data(DataCommand::Tokenizer { input, vocab_size, from, output }) => {
-            let tokenizer = match (from, input) {
-                (Some(source), _) => commands::import_tokenizer(&source, &output)?,
-                (None, Some(input)) => commands::train_tokenizer(&input, vocab_size, &output)?,
-                (None, None) => unreachable!("clap requires --input or --from"),
+        Command::Data(DataCommand::Tokenizer { input, source, vocab_size, from, output }) => {
+            let tokenizer = match from {
+                Some(from) => commands::import_tokenizer(&from, &output)?,
+                None => commands::train_tokenizer(&input, &source.options(), vocab_size, &output)?,
             };
             println!("tokenizer: {} ({} entries, sha256 {})", output.display(), tokenizer.vocab_size(), tokenizer.sha256());
         }
@@ -312,18 +380,45 @@ fn run(cli: Cli) -> Result<()> {
             std::fs::write(&output, lines).map_err(|e| Error::Io { action: "write", path: output.clone(), source: e })?;
             println!("cloze task: {} ({} items, {} choices each)", output.display(), built.len(), choices);
         }
-        Command::Data(DataCommand::Prepare { input, tokenizer, output, valid_fraction, shard_tokens }) => {
-            let options = PrepareOptions { input, output, valid_fraction, shard_tokens, batch_documents: 256 };
+        Command::Data(DataCommand::Prepare {
+            input,
+            tokenizer,
+            output,
+            name,
+            source,
+            valid_fraction,
+            test_fraction,
+            bos_token,
+            shard_tokens,
+        }) => {
+            let defaults = PrepareOptions::new(input, output);
+            let options = PrepareOptions {
+                name: name.unwrap_or(defaults.name.clone()),
+                source: source.options(),
+                valid_fraction,
+                test_fraction,
+                bos_token,
+                shard_tokens,
+                ..defaults
+            };
             let summary = commands::prepare(&tokenizer, &options)?;
             let m = &summary.manifest;
+            let splits = [&m.train, &m.valid, &m.test];
+            let bytes: u64 = splits.iter().map(|s| s.bytes).sum();
+            let tokens: u64 = splits.iter().map(|s| s.tokens).sum();
             println!(
-                "prepared {}: train {} documents, {} tokens; valid {} documents, {} tokens; {:.2} bytes per token",
+                "prepared {} ({}): train {} documents, {} tokens; valid {} documents, {} tokens; test {} documents, {} tokens; {:.2} bytes per token; skipped {} empty documents and {} unreadable records",
                 summary.output.display(),
+                m.name,
                 m.train.documents,
                 m.train.tokens,
                 m.valid.documents,
                 m.valid.tokens,
-                (m.train.bytes + m.valid.bytes) as f64 / (m.train.tokens + m.valid.tokens).max(1) as f64
+                m.test.documents,
+                m.test.tokens,
+                bytes as f64 / tokens.max(1) as f64,
+                m.empty_documents,
+                m.bad_records
             );
         }
     }

@@ -28,6 +28,8 @@ pub struct StepMetrics {
     /// Model FLOPs utilization against `train.peak_flops`, when that is set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mfu: Option<f64>,
+    /// Share of this process's timed steps spent waiting for training batches.
+    pub data_wait_fraction: f64,
     /// The loss or gradient norm was not finite, so no weight was updated.
     pub skipped: bool,
     /// Per MoE layer: fraction of this step's assignments routed to each expert.

@@ -16,6 +16,7 @@ const RESULT_NEUTRAL_KEYS: &[&str] = &[
     "data.tasks",
     "train.out_dir",
     "data.eval_tokens",
+    "data.prefetch",
     "train.log_every",
     "train.eval_every",
     "train.eval_batch_size",
@@ -84,7 +85,7 @@ pub(crate) fn resume_checkpoint(
         differences.push("data.tokenizer (its content changed)".to_string());
     }
     if checkpoint.state.train_data_sha256 != train_data_sha256 {
-        differences.push("data.train or data.sft (the training data changed)".to_string());
+        differences.push("data.train, data.mixture or data.sft (the training data changed)".to_string());
     }
     if !differences.is_empty() {
         if !allow_change {

@@ -21,6 +21,7 @@ use crate::metrics::{MetricsWriter, StepMetrics, trim_metrics_after};
 use crate::optim::{AdamW, clip_scale, global_norm, learning_rate};
 use crate::params::{GradientCollector, ParamUpdater};
 use crate::batches::{BatchSource, open_training_data};
+use dagmoe_data::{BatchProducer, Prefetcher};
 use crate::resume::resume_checkpoint;
 use crate::tasks::{ChoiceItem, TaskResult, load_task, score_task};
 
@@ -34,6 +35,8 @@ pub struct RunSummary {
     /// Training tokens per second in this process, its first step excluded,
     /// evaluation and checkpoint time excluded.
     pub train_tokens_per_second: f64,
+    /// Share of the timed training steps spent waiting for batches.
+    pub data_wait_fraction: f64,
     pub final_loss: f64,
     pub skipped_steps: u64,
     pub params_total: usize,
@@ -94,7 +97,9 @@ struct Trainer {
     device: Device,
     model: DagMoeModel,
     optimizer: AdamW,
-    loader: BatchSource,
+    loader: Prefetcher<BatchSource>,
+    /// Sequences per epoch of the training data, for the start-up log.
+    sequences_per_epoch: usize,
     state: TrainerState,
     eval_sets: Vec<EvalSet>,
     unigram: Option<Unigram>,
@@ -186,6 +191,8 @@ struct StepResult {
     tokens: u64,
     skipped: bool,
     gradients: StepGradients,
+    /// Time the step waited for its batches.
+    data_wait: Duration,
 }
 
 impl Trainer {
@@ -261,7 +268,7 @@ impl Trainer {
                 let model = checkpoint.load_model(&device)?;
                 checkpoint.load_optimizer(&mut optimizer, &device)?;
                 state = checkpoint.state.clone();
-                loader.restore(state.loader);
+                loader.restore(&state.loader)?;
                 trim_metrics_after(&out_dir.join("metrics.jsonl"), state.step)?;
                 tracing::info!(checkpoint = %checkpoint.dir.display(), step = state.step, "resuming");
                 model
@@ -283,8 +290,11 @@ impl Trainer {
             Start::Weights(dir) => Some(dir.clone()),
             _ => None,
         };
+        let sequences_per_epoch = loader.len();
+        let loader = Prefetcher::start(loader, config.data.prefetch);
         Ok(Self {
             metrics: MetricsWriter::create(&out_dir.join("metrics.jsonl"))?,
+            sequences_per_epoch,
             tokenizer,
             tasks,
             init_from,
@@ -309,7 +319,7 @@ impl Trainer {
             run_dir = %self.out_dir.display(),
             params = counts.total,
             active_params = counts.active_per_token,
-            sequences_per_epoch = self.loader.len(),
+            sequences_per_epoch = self.sequences_per_epoch,
             "training started"
         );
 
@@ -323,6 +333,7 @@ impl Trainer {
         let first_step = self.state.step;
         let mut timed = Duration::ZERO;
         let mut timed_tokens = 0u64;
+        let mut timed_data_wait = Duration::ZERO;
         let mut last_loss = f64::NAN;
         while self.state.step < train.steps {
             let started = Instant::now();
@@ -332,15 +343,17 @@ impl Trainer {
             if self.state.step > first_step + 1 {
                 timed += elapsed;
                 timed_tokens += result.tokens;
+                timed_data_wait += result.data_wait;
             }
             let tokens_per_second = if timed.is_zero() { 0.0 } else { timed_tokens as f64 / timed.as_secs_f64() };
+            let data_wait_fraction = if timed.is_zero() { 0.0 } else { timed_data_wait.as_secs_f64() / timed.as_secs_f64() };
             last_loss = result.loss;
             let step = self.state.step;
 
             progress.set_position(step);
             progress.set_message(format!("loss {:.4} | {:.0} tok/s", result.loss, tokens_per_second));
             if step % train.log_every == 0 || step == train.steps || result.skipped {
-                self.log_step(&result, tokens_per_second, progress.is_hidden())?;
+                self.log_step(&result, tokens_per_second, data_wait_fraction, progress.is_hidden())?;
             }
             if train.eval_every > 0 && step % train.eval_every == 0 && step < train.steps {
                 self.evaluate_all()?;
@@ -368,6 +381,7 @@ impl Trainer {
             steps: self.state.step,
             tokens_seen: self.state.tokens_seen,
             train_tokens_per_second: if timed.is_zero() { 0.0 } else { timed_tokens as f64 / timed.as_secs_f64() },
+            data_wait_fraction: if timed.is_zero() { 0.0 } else { timed_data_wait.as_secs_f64() / timed.as_secs_f64() },
             final_loss: last_loss,
             skipped_steps: self.state.skipped_steps,
             params_total: counts.total,
@@ -391,6 +405,7 @@ impl Trainer {
 
         // Micro-batches: gradients averaged per token over the whole step.
         let batches: Vec<Batch> = (0..train.grad_accum).map(|_| self.loader.next_batch()).collect();
+        let data_wait = self.loader.take_wait();
         let tokens = batches.iter().map(|b| b.target_count() as u64).sum();
         let gradients = step_gradients(&self.model, &self.config, &batches, &self.device);
         let moe = &self.config.model.moe;
@@ -407,7 +422,7 @@ impl Trainer {
         self.state.loader = self.loader.cursor();
         if !loss.is_finite() || !grad_norm.is_finite() {
             self.skip_step(loss, grad_norm)?;
-            return Ok(StepResult { loss, grad_norm, lr, tokens, skipped: true, gradients });
+            return Ok(StepResult { loss, grad_norm, lr, tokens, skipped: true, gradients, data_wait });
         }
 
         // AdamW update of every parameter that received a gradient.
@@ -421,7 +436,7 @@ impl Trainer {
         });
         self.model = self.model.clone().map(&mut updater);
         self.optimizer.step += 1;
-        Ok(StepResult { loss, grad_norm, lr, tokens, skipped: false, gradients })
+        Ok(StepResult { loss, grad_norm, lr, tokens, skipped: false, gradients, data_wait })
     }
 
     /// Counts a step whose loss or gradient norm is not finite, or stops the run
@@ -447,7 +462,7 @@ impl Trainer {
         Ok(())
     }
 
-    fn log_step(&mut self, result: &StepResult, tokens_per_second: f64, plain: bool) -> Result<()> {
+    fn log_step(&mut self, result: &StepResult, tokens_per_second: f64, data_wait_fraction: f64, plain: bool) -> Result<()> {
         let moe = &self.config.model.moe;
         let mean_edges: Vec<Vec<Vec<f32>>> = result
             .gradients
@@ -471,6 +486,7 @@ impl Trainer {
             grad_norm: result.grad_norm,
             tokens_per_second,
             mfu,
+            data_wait_fraction,
             skipped: result.skipped,
             ..StepMetrics::routing(&result.gradients.tokens_per_expert, mean_edges, moe.top_k)
         };

@@ -117,7 +117,7 @@ fn finetune_continues_from_checkpoint() {
 fn vocab_mismatch_with_manifest_is_rejected() {
     let fixture = Fixture::new();
     let other = fixture.path("tokenizer-600.json");
-    commands::train_tokenizer(&repo_path("data/fixtures/kernel-docs-sample/sources"), 600, &other).unwrap();
+    commands::train_tokenizer(&[repo_path("data/fixtures/kernel-docs-sample/sources")], &Default::default(), 600, &other).unwrap();
     let mut overrides = fixture.overrides("run", &["model.vocab_size=600"]);
     overrides.push(format!("data.tokenizer={other:?}"));
     let config = load_config(&repo_path("configs/tiny-dagmoe.toml"), &overrides).unwrap();
@@ -141,15 +141,15 @@ fn existing_run_directory_is_not_overwritten() {
 fn prepare_rejects_missing_corpus_and_existing_output() {
     let fixture = Fixture::new();
     let mut options = PrepareOptions {
-        input: fixture.path("no-such-corpus"),
-        output: fixture.path("out"),
         valid_fraction: 0.1,
         shard_tokens: 4096,
         batch_documents: 8,
+        ..PrepareOptions::new(vec![fixture.path("no-such-corpus")], fixture.path("out"))
     };
     let error = commands::prepare(&fixture.path("tokenizer.json"), &options).unwrap_err();
     assert!(format!("{error}").contains("no-such-corpus"), "{error}");
-    options.input = repo_path("data/fixtures/kernel-docs-sample/sources");
+    assert!(!fixture.path("out").exists(), "a failed prepare leaves no output");
+    options.inputs = vec![repo_path("data/fixtures/kernel-docs-sample/sources")];
     options.output = fixture.path("prepared");
     let before = std::fs::read(fixture.path("prepared/manifest.json")).unwrap();
     let error = commands::prepare(&fixture.path("tokenizer.json"), &options).unwrap_err();
@@ -353,7 +353,7 @@ fn supervised_finetune_scores_responses() {
     overrides.push(format!("data.sft={sft_file:?}"));
     overrides.push("data.train=\"\"".into());
     let error = commands::finetune_config(&summary.checkpoint, &finetune_file, &overrides).unwrap_err();
-    assert!(error.to_string().contains("both set"), "{error}");
+    assert!(error.to_string().contains("data.train and data.sft are set together"), "{error}");
 
     // The tiny config names data.train; an SFT run replaces it with data.sft.
     let without_train: String = base.lines().filter(|l| !l.starts_with("train = ")).map(|l| format!("{l}\n")).collect();

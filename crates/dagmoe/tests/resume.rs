@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use burn::tensor::Tolerance;
-use common::{Fixture, ROOT, logged_steps};
+use common::{Fixture, ROOT, logged_steps, repo_path};
+use dagmoe::commands;
+use dagmoe_data::PrepareOptions;
 use dagmoe::checkpoint::{Checkpoint, CheckpointWriter, TrainerState, latest_checkpoint, list_checkpoints, save_checkpoint};
 use dagmoe::optim::AdamW;
 use dagmoe::train::step_gradients;
@@ -30,9 +32,14 @@ const RUN_SETTINGS: &[&str] = &[
 ];
 
 fn pretrain_command(fixture: &Fixture, config: &str, run: &str, resume: bool) -> Command {
+    let config_path = Path::new(ROOT).join(format!("configs/{config}.toml"));
+    pretrain_command_with(&config_path, fixture.overrides(run, RUN_SETTINGS), resume)
+}
+
+fn pretrain_command_with(config: &Path, overrides: Vec<String>, resume: bool) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_dagmoe"));
-    command.current_dir(ROOT).args(["pretrain", "--config", &format!("configs/{config}.toml")]);
-    for assignment in fixture.overrides(run, RUN_SETTINGS) {
+    command.current_dir(ROOT).args(["pretrain", "--config"]).arg(config);
+    for assignment in overrides {
         command.args(["--set", &assignment]);
     }
     if resume {
@@ -130,6 +137,54 @@ fn sigint_saves_checkpoint_and_resume_completes() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let resumed = logged_steps(&run_dir);
     assert_eq!(resumed.iter().map(|(_, loss)| loss.to_bits()).collect::<Vec<_>>(), reference.iter().map(|(_, loss)| loss.to_bits()).collect::<Vec<_>>());
+}
+
+#[test]
+fn mixture_run_resumes_exactly() {
+    let fixture = Fixture::new();
+    // A second corpus from the same documents with another split, so its token stream differs.
+    let sources = repo_path("data/fixtures/kernel-docs-sample/sources");
+    let second = PrepareOptions { valid_fraction: 0.3, ..PrepareOptions::new(vec![sources], fixture.path("prepared-b")) };
+    commands::prepare(&fixture.path("tokenizer.json"), &second).unwrap();
+    let base = std::fs::read_to_string(repo_path("configs/tiny-moe.toml")).unwrap();
+    let without_train: String = base.lines().filter(|l| !l.starts_with("train = ")).map(|l| format!("{l}\n")).collect();
+    let config = fixture.path("mixture.toml");
+    std::fs::write(&config, without_train).unwrap();
+    let overrides = |run: &str| {
+        let mut overrides = fixture.overrides(run, RUN_SETTINGS);
+        overrides.retain(|o| !o.starts_with("data.train="));
+        overrides.push(format!(
+            "data.mixture={{ a = {{ path = {:?}, weight = 2.0 }}, b = {{ path = {:?}, weight = 1.0 }} }}",
+            fixture.path("prepared"),
+            fixture.path("prepared-b")
+        ));
+        overrides
+    };
+
+    let status = pretrain_command_with(&config, overrides("reference"), false).status().unwrap();
+    assert!(status.success(), "reference mixture run failed");
+    let reference = logged_steps(&fixture.path("reference"));
+    assert_eq!(reference.len(), 24);
+
+    let run_dir = fixture.path("interrupted");
+    let mut child = pretrain_command_with(&config, overrides("interrupted"), false).spawn().unwrap();
+    wait_for_step(&mut child, &run_dir, 9);
+    signal(&child, libc::SIGINT);
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(130), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = pretrain_command_with(&config, overrides("interrupted"), true).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let resumed = logged_steps(&run_dir);
+    assert_eq!(resumed.len(), reference.len());
+    for ((step, loss), (_, reference_loss)) in resumed.iter().zip(&reference) {
+        assert_eq!(loss.to_bits(), reference_loss.to_bits(), "mixture loss at step {step}");
+    }
+
+    // The checkpoint's cursor is for two corpora; a single-corpus run cannot resume from it.
+    let output = pretrain_command(&fixture, "tiny-moe", "interrupted", true).args(["--set", "train.steps=30"]).output().unwrap();
+    assert!(!output.status.success(), "a single-corpus resume of a mixture run must fail");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("the training data changed"), "{stderr}");
 }
 
 #[test]

@@ -24,13 +24,12 @@ impl Fixture {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sources = repo_path("data/fixtures/kernel-docs-sample/sources");
-        commands::train_tokenizer(&sources, 512, &dir.path().join("tokenizer.json")).unwrap();
+        commands::train_tokenizer(&[sources.clone()], &Default::default(), 512, &dir.path().join("tokenizer.json")).unwrap();
         let options = PrepareOptions {
-            input: sources,
-            output: dir.path().join("prepared"),
             valid_fraction: 0.1,
             shard_tokens: 40_000,
             batch_documents: 8,
+            ..PrepareOptions::new(vec![sources], dir.path().join("prepared"))
         };
         commands::prepare(&dir.path().join("tokenizer.json"), &options).unwrap();
         Self { dir }
