@@ -123,6 +123,21 @@ enum Command {
         #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
         overrides: Vec<String>,
     },
+    /// Time training steps of a config, printing one JSON line (see scripts/bench.sh).
+    Bench {
+        /// Run configuration (TOML with [model], [data] and [train]).
+        #[arg(long)]
+        config: PathBuf,
+        /// Override a config value, for example --set model.dag.depth=1 (repeatable).
+        #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+        overrides: Vec<String>,
+        /// Untimed steps first, to leave one-time allocation out.
+        #[arg(long, default_value_t = 3)]
+        warmup: u64,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: u64,
+    },
     /// Tokenizers and prepared data.
     #[command(subcommand)]
     Data(DataCommand),
@@ -306,6 +321,23 @@ fn run(cli: Cli) -> Result<()> {
             let start = if resume { Start::Resume { allow_config_change } } else { Start::Weights(from) };
             install_interrupt_handler()?;
             print_summary(&dagmoe::train(config, start)?);
+        }
+        Command::Bench { config: config_path, overrides, warmup, steps } => {
+            let config = dagmoe::load_config(&config_path, &overrides)?;
+            let params = dagmoe_model::ParamCounts::of(&config.model).total;
+            let (threads, device) = (config.train.threads, config.train.device.clone());
+            let report = dagmoe::train::bench_training(config, warmup, steps)?;
+            let mut line = serde_json::json!({
+                "impl": "dagmoe",
+                "config": config_path,
+                "overrides": overrides,
+                "params": params,
+                "threads": threads,
+                "device": device,
+            });
+            let fields = serde_json::to_value(&report).expect("bench reports serialize");
+            line.as_object_mut().expect("an object").extend(fields.as_object().expect("an object").clone());
+            println!("{line}");
         }
         Command::Eval { checkpoints, sets, tasks, eval_tokens, device, stride, batch_size, output } => {
             let sets = parse_named_paths("--data", &sets)?;

@@ -92,6 +92,79 @@ pub fn train(config: RunConfig, start: Start) -> Result<RunSummary> {
     trainer.run()
 }
 
+/// Step times of a short training run, from [`bench_training`].
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Training steps timed, after the untimed warm-up steps.
+    pub steps: u64,
+    /// Target tokens per optimizer step.
+    pub tokens_per_step: u64,
+    pub step_seconds: Vec<f64>,
+    pub median_step_seconds: f64,
+    /// `tokens_per_step / median_step_seconds`.
+    pub tokens_per_second: f64,
+    /// Share of the timed steps spent waiting for batches.
+    pub data_wait_fraction: f64,
+    pub final_loss: f64,
+    /// Peak resident memory of this process so far, in MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Returns the peak resident set size of this process in MiB (`getrusage`,
+/// which reports KiB on Linux).
+fn peak_rss_mib() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let status = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    if status == 0 { usage.ru_maxrss as f64 / 1024.0 } else { f64::NAN }
+}
+
+/// Times `steps` training steps of `config` after `warmup` untimed ones: the
+/// same model, data loader, gradient and AdamW code as `train`, without
+/// evaluation, logging or checkpoints. Writes only to a temporary directory,
+/// which it removes.
+pub fn bench_training(mut config: RunConfig, warmup: u64, steps: u64) -> Result<BenchReport> {
+    if steps == 0 {
+        return Err(Error::Usage("invalid --steps 0: time at least one step".into()));
+    }
+    let scratch = std::env::temp_dir().join(format!("dagmoe-bench-{}", std::process::id()));
+    config.train.out_dir = scratch.clone();
+    config.train.steps = warmup + steps;
+    config.train.warmup_steps = config.train.warmup_steps.min(config.train.steps);
+    let result = Trainer::new(config, Start::Scratch).and_then(|mut trainer| {
+        let mut step_seconds = Vec::with_capacity(steps as usize);
+        let mut data_wait = Duration::ZERO;
+        let mut tokens_per_step = 0;
+        let mut final_loss = f64::NAN;
+        for step in 0..warmup + steps {
+            let started = Instant::now();
+            let result = trainer.step()?;
+            if step >= warmup {
+                step_seconds.push(started.elapsed().as_secs_f64());
+                data_wait += result.data_wait;
+                tokens_per_step = result.tokens;
+            }
+            final_loss = result.loss;
+        }
+        let mut sorted = step_seconds.clone();
+        sorted.sort_by(f64::total_cmp);
+        let middle = sorted.len() / 2;
+        let median = if sorted.len() % 2 == 1 { sorted[middle] } else { (sorted[middle - 1] + sorted[middle]) / 2.0 };
+        Ok(BenchReport {
+            steps,
+            tokens_per_step,
+            data_wait_fraction: data_wait.as_secs_f64() / step_seconds.iter().sum::<f64>(),
+            step_seconds,
+            median_step_seconds: median,
+            tokens_per_second: tokens_per_step as f64 / median,
+            final_loss,
+            peak_rss_mib: peak_rss_mib(),
+        })
+    });
+    let _ = std::fs::remove_dir_all(&scratch);
+    result
+}
+
 struct Trainer {
     config: RunConfig,
     device: Device,
