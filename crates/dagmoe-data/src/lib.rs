@@ -21,4 +21,4 @@ pub use prefetch::{BatchProducer, Prefetcher};
 pub use manifest::{Manifest, ShardInfo, SplitInfo};
 pub use prepare::{PrepareOptions, PrepareSummary, prepare_corpus};
 pub use sft::{SftExample, SftLoader, load_sft};
-pub use tokenizer::{EOS_TOKEN, TextTokenizer, sha256_hex, train_bpe_tokenizer};
+pub use tokenizer::{EOS_TOKEN, EOS_TOKEN_CANDIDATES, TextTokenizer, sha256_hex, train_bpe_tokenizer};

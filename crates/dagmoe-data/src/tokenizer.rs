@@ -10,8 +10,13 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use crate::{DataError, Result};
 
-/// The end-of-document token that separates documents in the token stream.
+/// The end-of-document token that separates documents in the token stream,
+/// as `train_bpe_tokenizer` names it.
 pub const EOS_TOKEN: &str = "<|endoftext|>";
+
+/// End-of-document token names looked up, in this order, in a loaded
+/// tokenizer: dagmoe's and GPT-2's, Llama 3's, SentencePiece models', Gemma's.
+pub const EOS_TOKEN_CANDIDATES: [&str; 4] = [EOS_TOKEN, "<|end_of_text|>", "</s>", "<eos>"];
 
 /// Largest vocabulary `train_bpe_tokenizer` accepts, 2^21 entries; larger
 /// requests are typing mistakes and would exhaust memory in the trainer.
@@ -26,7 +31,8 @@ pub struct TextTokenizer {
 }
 
 impl TextTokenizer {
-    /// Loads a `tokenizer.json` file that defines the [`EOS_TOKEN`] special token.
+    /// Loads a `tokenizer.json` file whose vocabulary has one of the
+    /// [`EOS_TOKEN_CANDIDATES`]; the first found is the end-of-document token.
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|e| DataError::io("read tokenizer", path, e))?;
         let mut inner = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
@@ -36,11 +42,14 @@ impl TextTokenizer {
         // A literal `<|endoftext|>` inside a document is text, not a document
         // boundary: only prepare inserts EOS ids.
         inner.set_encode_special_tokens(true);
-        let eos_id = inner.token_to_id(EOS_TOKEN).ok_or_else(|| DataError::Tokenizer {
-            path: path.to_path_buf(),
-            message: format!(
-                "no `{EOS_TOKEN}` token; train one with `dagmoe data tokenizer` or add it as a special token"
-            ),
+        let eos_id = EOS_TOKEN_CANDIDATES.iter().find_map(|name| inner.token_to_id(name)).ok_or_else(|| {
+            DataError::Tokenizer {
+                path: path.to_path_buf(),
+                message: format!(
+                    "no end-of-document token (looked for {}); train one with `dagmoe data tokenizer` or add `{EOS_TOKEN}` as a special token",
+                    EOS_TOKEN_CANDIDATES.join(", ")
+                ),
+            }
         })?;
         Ok(Self { inner, path: path.to_path_buf(), sha256: sha256_hex(&bytes), eos_id })
     }
@@ -91,10 +100,24 @@ impl TextTokenizer {
 
 /// Trains a byte-level BPE tokenizer on `documents` and writes it to `output`.
 ///
-/// The vocabulary contains the 256 byte symbols, [`EOS_TOKEN`] and the learned
-/// merges, `vocab_size` entries in all.
-pub fn train_bpe_tokenizer(documents: &[String], vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
-    let minimum = ByteLevel::alphabet().len() + 1;
+/// The vocabulary contains the 256 byte symbols, [`EOS_TOKEN`], the
+/// `special_tokens` and the learned merges, `vocab_size` entries in all.
+pub fn train_bpe_tokenizer(
+    documents: &[String],
+    vocab_size: usize,
+    special_tokens: &[String],
+    output: &Path,
+) -> Result<TextTokenizer> {
+    let mut specials = vec![EOS_TOKEN.to_string()];
+    for token in special_tokens {
+        if token.is_empty() {
+            return Err(DataError::Invalid("special token \"\" is empty; pass a non-empty --special-token".into()));
+        }
+        if !specials.contains(token) {
+            specials.push(token.clone());
+        }
+    }
+    let minimum = ByteLevel::alphabet().len() + specials.len();
     if vocab_size > MAX_VOCAB_SIZE {
         return Err(DataError::Invalid(format!(
             "vocab size {vocab_size} is larger than the supported {MAX_VOCAB_SIZE}; pass a smaller --vocab-size"
@@ -102,7 +125,8 @@ pub fn train_bpe_tokenizer(documents: &[String], vocab_size: usize, output: &Pat
     }
     if vocab_size <= minimum {
         return Err(DataError::Invalid(format!(
-            "vocab size {vocab_size} is too small: a byte-level BPE needs more than {minimum} entries (256 bytes and `{EOS_TOKEN}`); pass a larger --vocab-size"
+            "vocab size {vocab_size} is too small: a byte-level BPE needs more than {minimum} entries (256 bytes and {} special tokens); pass a larger --vocab-size",
+            specials.len()
         )));
     }
     let tokenizer_error = |e: tokenizers::Error| DataError::Tokenizer {
@@ -114,7 +138,7 @@ pub fn train_bpe_tokenizer(documents: &[String], vocab_size: usize, output: &Pat
         .vocab_size(vocab_size)
         .min_frequency(2)
         .show_progress(false)
-        .special_tokens(vec![AddedToken::from(EOS_TOKEN, true)])
+        .special_tokens(specials.iter().map(|token| AddedToken::from(token.as_str(), true)).collect())
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut trainer = TrainerWrapper::BpeTrainer(trainer);

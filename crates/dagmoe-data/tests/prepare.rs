@@ -26,7 +26,7 @@ fn sample_documents() -> Vec<(String, String)> {
 
 fn tokenizer(dir: &Path) -> TextTokenizer {
     let texts: Vec<String> = sample_documents().into_iter().map(|(_, text)| text).collect();
-    train_bpe_tokenizer(&texts, 400, &dir.join("tokenizer.json")).unwrap()
+    train_bpe_tokenizer(&texts, 400, &[], &dir.join("tokenizer.json")).unwrap()
 }
 
 fn prepare(tokenizer: &TextTokenizer, options: &PrepareOptions) -> (Manifest, Vec<PrepareProgress>) {
@@ -184,4 +184,33 @@ fn fractions_that_leave_no_training_data_are_rejected() {
     let halves = PrepareOptions { valid_fraction: 0.5, test_fraction: 0.5, ..options(sample_dir(), dir.path().join("none")) };
     let error = prepare_corpus(&tokenizer, &halves, &mut |_| {}).unwrap_err().to_string();
     assert!(error.contains("--valid-fraction 0.5") && error.contains("--test-fraction 0.5"), "{error}");
+}
+
+#[test]
+fn extra_special_tokens_are_trained_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let texts: Vec<String> = sample_documents().into_iter().map(|(_, text)| text).collect();
+    let specials = vec!["<|pad|>".to_string(), dagmoe_data::EOS_TOKEN.to_string()];
+    let tokenizer = train_bpe_tokenizer(&texts, 400, &specials, &dir.path().join("tokenizer.json")).unwrap();
+    assert_eq!(tokenizer.vocab_size(), 400);
+    assert!(tokenizer.token_id("<|pad|>").is_some(), "the extra special token is in the vocabulary");
+    assert_eq!(tokenizer.token_id(dagmoe_data::EOS_TOKEN), Some(tokenizer.eos_id()));
+}
+
+#[test]
+fn tokenizer_with_another_eos_name_prepares() {
+    let dir = tempfile::tempdir().unwrap();
+    tokenizer(dir.path());
+    // The same vocabulary with a SentencePiece-style end-of-document token.
+    let json = std::fs::read_to_string(dir.path().join("tokenizer.json")).unwrap();
+    let foreign = dir.path().join("foreign.json");
+    std::fs::write(&foreign, json.replace(dagmoe_data::EOS_TOKEN, "</s>")).unwrap();
+    let tokenizer = TextTokenizer::load(&foreign).unwrap();
+    assert_eq!(tokenizer.token_id("</s>"), Some(tokenizer.eos_id()));
+    let (manifest, _) = prepare(&tokenizer, &options(sample_dir(), dir.path().join("foreign-prepared")));
+    assert_eq!(manifest.eos_id, tokenizer.eos_id());
+
+    std::fs::write(&foreign, json.replace(dagmoe_data::EOS_TOKEN, "<|unknown|>")).unwrap();
+    let error = TextTokenizer::load(&foreign).err().expect("no end-of-document token").to_string();
+    assert!(error.contains("</s>") && error.contains("add `<|endoftext|>`"), "{error}");
 }

@@ -20,7 +20,13 @@ use crate::tasks::{TaskResult, load_task, score_task};
 use crate::train::set_threads;
 
 /// Trains a byte-level BPE tokenizer on the documents of `inputs`.
-pub fn train_tokenizer(inputs: &[PathBuf], source: &SourceOptions, vocab_size: usize, output: &Path) -> Result<TextTokenizer> {
+pub fn train_tokenizer(
+    inputs: &[PathBuf],
+    source: &SourceOptions,
+    vocab_size: usize,
+    special_tokens: &[String],
+    output: &Path,
+) -> Result<TextTokenizer> {
     if output.exists() {
         return Err(Error::Usage(format!(
             "tokenizer {} already exists; delete it or pass another --output",
@@ -37,7 +43,7 @@ pub fn train_tokenizer(inputs: &[PathBuf], source: &SourceOptions, vocab_size: u
         )));
     }
     let texts: Vec<String> = documents.into_iter().map(|(_, text)| text).collect();
-    let tokenizer = dagmoe_data::train_bpe_tokenizer(&texts, vocab_size, output)?;
+    let tokenizer = dagmoe_data::train_bpe_tokenizer(&texts, vocab_size, special_tokens, output)?;
     if tokenizer.vocab_size() < vocab_size {
         tracing::warn!(
             requested = vocab_size,

@@ -155,6 +155,9 @@ enum DataCommand {
         /// Vocabulary size, special tokens included.
         #[arg(long, default_value_t = 8192)]
         vocab_size: usize,
+        /// Special token to reserve besides `<|endoftext|>` (repeatable).
+        #[arg(long = "special-token", value_name = "TOKEN", conflicts_with = "from")]
+        special_tokens: Vec<String>,
         /// Existing tokenizer.json to check and copy instead of training.
         #[arg(long, conflicts_with = "input")]
         from: Option<PathBuf>,
@@ -395,10 +398,10 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Data(DataCommand::Tokenizer { input, source, vocab_size, from, output }) => {
+        Command::Data(DataCommand::Tokenizer { input, source, vocab_size, special_tokens, from, output }) => {
             let tokenizer = match from {
                 Some(from) => commands::import_tokenizer(&from, &output)?,
-                None => commands::train_tokenizer(&input, &source.options(), vocab_size, &output)?,
+                None => commands::train_tokenizer(&input, &source.options(), vocab_size, &special_tokens, &output)?,
             };
             println!("tokenizer: {} ({} entries, sha256 {})", output.display(), tokenizer.vocab_size(), tokenizer.sha256());
         }

@@ -117,7 +117,7 @@ fn finetune_continues_from_checkpoint() {
 fn vocab_mismatch_with_manifest_is_rejected() {
     let fixture = Fixture::new();
     let other = fixture.path("tokenizer-600.json");
-    commands::train_tokenizer(&[repo_path("data/fixtures/kernel-docs-sample/sources")], &Default::default(), 600, &other).unwrap();
+    commands::train_tokenizer(&[repo_path("data/fixtures/kernel-docs-sample/sources")], &Default::default(), 600, &[], &other).unwrap();
     let mut overrides = fixture.overrides("run", &["model.vocab_size=600"]);
     overrides.push(format!("data.tokenizer={other:?}"));
     let config = load_config(&repo_path("configs/tiny-dagmoe.toml"), &overrides).unwrap();

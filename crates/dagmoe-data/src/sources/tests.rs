@@ -330,7 +330,7 @@ fn fixture_texts() -> Vec<String> {
 }
 
 fn fixture_tokenizer(dir: &Path, texts: &[String]) -> TextTokenizer {
-    train_bpe_tokenizer(texts, 600, &dir.join("tokenizer.json")).unwrap()
+    train_bpe_tokenizer(texts, 600, &[], &dir.join("tokenizer.json")).unwrap()
 }
 
 /// Asserts that the segments concatenate to `text` and that their ids concatenate to the ids of `text`.

@@ -24,7 +24,7 @@ impl Fixture {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let sources = repo_path("data/fixtures/kernel-docs-sample/sources");
-        commands::train_tokenizer(&[sources.clone()], &Default::default(), 512, &dir.path().join("tokenizer.json")).unwrap();
+        commands::train_tokenizer(&[sources.clone()], &Default::default(), 512, &[], &dir.path().join("tokenizer.json")).unwrap();
         let options = PrepareOptions {
             valid_fraction: 0.1,
             shard_tokens: 40_000,
