@@ -214,6 +214,11 @@ impl TrainLoader {
             return Err(DataError::Invalid("a training mixture needs at least one corpus".into()));
         }
         let total_weight: f64 = components.iter().map(|c| c.weight).sum();
+        if !total_weight.is_finite() {
+            return Err(DataError::Invalid(format!(
+                "the mixture weights sum to {total_weight}; use finite weights such as 0.7 and 0.3"
+            )));
+        }
         let mut corpora = Vec::with_capacity(components.len());
         let mut cumulative = 0.0;
         for (index, component) in components.into_iter().enumerate() {

@@ -61,29 +61,54 @@ pub struct PrepareSummary {
 
 /// Lists the documents under `input`: the file itself, or every file below the
 /// directory, sorted by relative path so the result is the same on every machine.
+///
+/// Symbolic links are followed (a Hugging Face cache snapshot is made of
+/// them), each directory and file once. Hidden entries, whose names start with a dot
+/// such as `.git`, are skipped, as is anything that is neither a file nor a
+/// directory; each skipped link or special file is logged.
 pub fn list_documents(input: &Path) -> Result<Vec<PathBuf>> {
     let metadata = std::fs::metadata(input).map_err(|e| DataError::io("read corpus path", input, e))?;
     if metadata.is_file() {
         return Ok(vec![input.to_path_buf()]);
     }
     let mut files = Vec::new();
+    let mut visited = std::collections::HashSet::new();
     let mut pending = vec![input.to_path_buf()];
     while let Some(dir) = pending.pop() {
+        let canonical = std::fs::canonicalize(&dir).map_err(|e| DataError::io("resolve directory", &dir, e))?;
+        if !visited.insert(canonical) {
+            tracing::warn!(path = %dir.display(), "skipping a directory reached a second time through a symbolic link");
+            continue;
+        }
         let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io("list directory", &dir, e))?;
         for entry in entries {
             let entry = entry.map_err(|e| DataError::io("list directory", &dir, e))?;
-            let file_type = entry.file_type().map_err(|e| DataError::io("stat", entry.path(), e))?;
-            if file_type.is_dir() {
-                pending.push(entry.path());
-            } else if file_type.is_file() {
-                files.push(entry.path());
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            // `metadata` follows symbolic links; a dangling link has none.
+            match std::fs::metadata(&path) {
+                Ok(target) if target.is_dir() => pending.push(path),
+                Ok(target) if target.is_file() => files.push(path),
+                Ok(_) => tracing::warn!(path = %path.display(), "skipping an entry that is neither a file nor a directory"),
+                Err(error) => tracing::warn!(path = %path.display(), %error, "skipping an entry that cannot be read"),
             }
         }
     }
     files.sort();
+    // A file reached through several links is read once, under its first path.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|path| {
+        let first = seen.insert(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()));
+        if !first {
+            tracing::warn!(path = %path.display(), "skipping a second path to a file already read");
+        }
+        first
+    });
     if files.is_empty() {
         return Err(DataError::Invalid(format!(
-            "corpus directory {} contains no files; run scripts/get-corpus.sh or pass another --input",
+            "corpus directory {} contains no files (hidden files are skipped); pass another --input",
             input.display()
         )));
     }
@@ -182,7 +207,8 @@ fn write_prepared(
         eos_id: tokenizer.eos_id(),
         valid_fraction: options.valid_fraction,
         test_fraction: options.test_fraction,
-        document_open: false,
+        document_ids: Vec::new(),
+        document_bytes: 0,
         progress: PrepareProgress::default(),
     };
     let mut source = open_source(options)?;
@@ -204,13 +230,18 @@ fn write_prepared(
     let stats = source.stats();
     if encoder.progress.documents == 0 {
         return Err(DataError::Invalid(format!(
-            "{} contains no usable document ({} empty, {} unreadable records); pass text files, JSONL or Parquet with a text field",
+            "{} contains no usable document ({} empty, {} unreadable records); pass text files, or JSONL or Parquet whose text is in the --text-field",
             describe_inputs(&options.inputs),
             stats.empty_documents,
             stats.bad_records
         )));
     }
 
+    if writers[0].info.documents == 0 {
+        tracing::warn!(
+            "no document went to the training split; the corpus can be evaluated on but not trained on. Lower --valid-fraction or --test-fraction to train on it"
+        );
+    }
     let [train, valid, test] = writers;
     let manifest = Manifest {
         format_version: MANIFEST_VERSION,
@@ -261,6 +292,34 @@ fn check_options(options: &PrepareOptions) -> Result<()> {
             options.output.display()
         )));
     }
+    check_output_outside_inputs(options)
+}
+
+/// Rejects an output directory inside an input directory: a later run over
+/// that input would read the shards and manifest as documents.
+fn check_output_outside_inputs(options: &PrepareOptions) -> Result<()> {
+    let absolute = |path: &Path| std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let parent = options.output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    // The parent may not exist yet; compare the nearest existing ancestor's real path.
+    let mut existing = absolute(parent);
+    while !existing.exists() {
+        match existing.parent() {
+            Some(up) => existing = up.to_path_buf(),
+            None => return Ok(()),
+        }
+    }
+    let output_dir = std::fs::canonicalize(&existing).unwrap_or(existing);
+    for input in &options.inputs {
+        // Directories are read recursively; a glob matches only what it names.
+        let Ok(root) = std::fs::canonicalize(input) else { continue };
+        if root.is_dir() && output_dir.starts_with(&root) {
+            return Err(DataError::Invalid(format!(
+                "--output {} is inside the input directory {}; choose an output outside the corpus",
+                options.output.display(),
+                input.display()
+            )));
+        }
+    }
     Ok(())
 }
 
@@ -271,8 +330,11 @@ struct SegmentEncoder<'a> {
     eos_id: u32,
     valid_fraction: f64,
     test_fraction: f64,
-    /// A document has segments written and its last one is still to come.
-    document_open: bool,
+    /// Tokens of the document whose last segment is still to come. They are
+    /// written when it ends, so a document the source discards part-way
+    /// leaves nothing behind; this holds one document's ids, not its text.
+    document_ids: Vec<u32>,
+    document_bytes: u64,
     progress: PrepareProgress,
 }
 
@@ -283,25 +345,32 @@ impl SegmentEncoder<'_> {
         }
         let texts: Vec<&str> = segments.iter().map(|s| s.text.as_str()).collect();
         let encoded = self.tokenizer.encode_batch(texts)?;
-        for (segment, mut ids) in segments.iter().zip(encoded) {
+        for (segment, ids) in segments.iter().zip(encoded) {
+            if segment.discarded {
+                self.document_ids.clear();
+                self.document_bytes = 0;
+                continue;
+            }
+            if self.document_ids.is_empty() {
+                self.document_ids.extend(self.bos_id);
+            }
+            self.document_ids.extend_from_slice(&ids);
+            self.document_bytes += segment.text.len() as u64;
+            self.progress.bytes += segment.text.len() as u64;
+            if !segment.end_of_document {
+                continue;
+            }
+            self.document_ids.push(self.eos_id);
             let writer = match split_of(&segment.key, self.valid_fraction, self.test_fraction) {
                 Split::Train => &mut writers[0],
                 Split::Valid => &mut writers[1],
                 Split::Test => &mut writers[2],
             };
-            if !self.document_open {
-                if let Some(bos) = self.bos_id {
-                    ids.insert(0, bos);
-                }
-            }
-            self.document_open = !segment.end_of_document;
-            if segment.end_of_document {
-                ids.push(self.eos_id);
-                self.progress.documents += 1;
-            }
-            self.progress.bytes += segment.text.len() as u64;
-            self.progress.tokens += ids.len() as u64;
-            writer.push(&ids, segment.text.len() as u64, segment.end_of_document)?;
+            writer.push_document(&self.document_ids, self.document_bytes)?;
+            self.progress.documents += 1;
+            self.progress.tokens += self.document_ids.len() as u64;
+            self.document_ids.clear();
+            self.document_bytes = 0;
         }
         Ok(())
     }
@@ -331,9 +400,9 @@ impl<'a> SplitWriter<'a> {
         Self { name, dir, token_bytes, shard_tokens: shard_tokens.max(1), buffer: Vec::new(), info: SplitInfo::default() }
     }
 
-    /// Appends the tokens of one segment; `end_of_document` counts the document.
-    fn push(&mut self, ids: &[u32], bytes: u64, end_of_document: bool) -> Result<()> {
-        self.info.documents += u64::from(end_of_document);
+    /// Appends the tokens of one whole document.
+    fn push_document(&mut self, ids: &[u32], bytes: u64) -> Result<()> {
+        self.info.documents += 1;
         self.info.tokens += ids.len() as u64;
         self.info.bytes += bytes;
         self.buffer.extend_from_slice(ids);

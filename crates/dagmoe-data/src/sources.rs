@@ -112,6 +112,10 @@ pub struct Segment {
     pub text: String,
     /// True on the document's last segment; the caller appends EOS after it.
     pub end_of_document: bool,
+    /// True on the empty last segment of a document that turned out to be
+    /// unreadable after some of its segments were yielded: the caller drops
+    /// the whole document, those earlier segments included.
+    pub discarded: bool,
 }
 
 /// Counts kept while a [`DocumentSource`] is read.
@@ -119,7 +123,7 @@ pub struct Segment {
 pub struct SourceStats {
     /// Files opened.
     pub files: u64,
-    /// Documents yielded, including any truncated by invalid UTF-8 (also counted in `bad_records`).
+    /// Documents yielded whole; a document dropped part-way for invalid UTF-8 counts in `bad_records` only.
     pub documents: u64,
     /// Documents skipped because they were empty or only whitespace, including blank JSONL lines.
     pub empty_documents: u64,
@@ -185,6 +189,8 @@ pub struct DocumentSource {
     pending: VecDeque<Segment>,
     /// Key of the document whose last segment has not been yielded yet.
     open_document: Option<String>,
+    /// Text bytes of the open document yielded so far.
+    open_document_bytes: u64,
     stats: SourceStats,
     failed: bool,
 }
@@ -204,6 +210,7 @@ impl DocumentSource {
             reader: None,
             pending: VecDeque::new(),
             open_document: None,
+            open_document_bytes: 0,
             stats: SourceStats::default(),
             failed: false,
         })
@@ -246,6 +253,7 @@ impl DocumentSource {
                     self.stats.documents += 1;
                 }
                 self.stats.bytes += text.len() as u64;
+                self.open_document_bytes = if end_of_document { 0 } else { self.open_document_bytes + text.len() as u64 };
                 self.queue_segments(&key, &text, end_of_document);
                 self.open_document = if end_of_document { None } else { Some(key) };
             }
@@ -253,9 +261,12 @@ impl DocumentSource {
                 self.stats.bad_records += 1;
                 self.report_bad_record(&location, &reason)?;
                 if let Some(open) = self.open_document.take() {
-                    // Part of this document was already yielded, so it ends where its valid text ends.
-                    tracing::warn!(document = %open, "truncating a document at invalid UTF-8");
-                    self.pending.push_back(Segment { key, text: String::new(), end_of_document: true });
+                    // Part of this document was already yielded: tell the
+                    // caller to drop it and take it out of the counts.
+                    tracing::warn!(document = %open, "skipping a document that is unreadable after its first segments");
+                    self.stats.documents -= 1;
+                    self.stats.bytes -= std::mem::take(&mut self.open_document_bytes);
+                    self.pending.push_back(Segment { key, text: String::new(), end_of_document: true, discarded: true });
                 }
             }
         }
@@ -270,6 +281,7 @@ impl DocumentSource {
                 key: key.to_string(),
                 text: piece.to_string(),
                 end_of_document: end_of_document && index == last,
+                discarded: false,
             });
         }
     }
@@ -345,7 +357,9 @@ pub fn read_all<P: AsRef<Path>>(inputs: &[P], options: SourceOptions) -> Result<
     for segment in &mut source {
         let segment = segment?;
         current.push_str(&segment.text);
-        if segment.end_of_document {
+        if segment.discarded {
+            current.clear();
+        } else if segment.end_of_document {
             documents.push((segment.key, std::mem::take(&mut current)));
         }
     }

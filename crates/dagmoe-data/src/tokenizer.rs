@@ -125,8 +125,7 @@ pub fn train_bpe_tokenizer(
     }
     if vocab_size <= minimum {
         return Err(DataError::Invalid(format!(
-            "vocab size {vocab_size} is too small: a byte-level BPE needs more than {minimum} entries (256 bytes and {} special tokens); pass a larger --vocab-size",
-            specials.len()
+            "vocab size {vocab_size} is too small: a byte-level BPE needs more than {minimum} entries (256 byte symbols plus the special tokens); pass a larger --vocab-size"
         )));
     }
     let tokenizer_error = |e: tokenizers::Error| DataError::Tokenizer {

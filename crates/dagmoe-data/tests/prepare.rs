@@ -214,3 +214,60 @@ fn tokenizer_with_another_eos_name_prepares() {
     let error = TextTokenizer::load(&foreign).err().expect("no end-of-document token").to_string();
     assert!(error.contains("</s>") && error.contains("add `<|endoftext|>`"), "{error}");
 }
+
+#[test]
+fn directory_walk_follows_links_and_skips_hidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = tokenizer(dir.path());
+    let documents = sample_documents();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(outside.join("nested")).unwrap();
+    std::fs::write(outside.join("nested/linked.txt"), &documents[0].1).unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir_all(corpus.join(".git")).unwrap();
+    std::fs::write(corpus.join("plain.txt"), &documents[1].1).unwrap();
+    std::fs::write(corpus.join(".hidden.txt"), &documents[2].1).unwrap();
+    std::fs::write(corpus.join(".git/config"), "[core]\n").unwrap();
+    std::os::unix::fs::symlink(&outside, corpus.join("linked-dir")).unwrap();
+    std::os::unix::fs::symlink(corpus.join("plain.txt"), corpus.join("linked.txt")).unwrap();
+    // A link back to the corpus itself must not loop.
+    std::os::unix::fs::symlink(&corpus, corpus.join("loop")).unwrap();
+
+    let (manifest, _) = prepare(&tokenizer, &PrepareOptions { valid_fraction: 0.0, ..options(corpus.clone(), dir.path().join("out")) });
+    // linked-dir/nested/linked.txt and plain.txt, read once although linked.txt
+    // points to it too; no hidden file.
+    assert_eq!(manifest.train.documents, 2);
+    let expected_bytes = documents[1].1.len() + documents[0].1.len();
+    assert_eq!(manifest.train.bytes, expected_bytes as u64);
+
+    let inside = PrepareOptions { valid_fraction: 0.0, ..options(corpus.clone(), corpus.join("prepared")) };
+    let error = prepare_corpus(&tokenizer, &inside, &mut |_| {}).unwrap_err().to_string();
+    assert!(error.contains("is inside the input directory"), "{error}");
+    assert!(!corpus.join("prepared").exists());
+}
+
+#[test]
+fn document_unreadable_after_first_segment_is_dropped_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = tokenizer(dir.path());
+    let documents = sample_documents();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    let mut long: Vec<u8> = documents.iter().flat_map(|(_, text)| text.bytes()).collect();
+    long.extend_from_slice(b"\nbroken \xff byte\n");
+    std::fs::write(corpus.join("a-long.txt"), &long).unwrap();
+    std::fs::write(corpus.join("b-short.txt"), &documents[3].1).unwrap();
+
+    let streamed = PrepareOptions {
+        valid_fraction: 0.0,
+        source: SourceOptions { segment_bytes: 2048, ..SourceOptions::default() },
+        ..options(corpus, dir.path().join("out"))
+    };
+    let (manifest, _) = prepare(&tokenizer, &streamed);
+    assert_eq!(manifest.train.documents, 1, "only the short document remains");
+    assert_eq!(manifest.bad_records, 1);
+    let mut expected = tokenizer.encode(&documents[3].1).unwrap();
+    expected.push(tokenizer.eos_id());
+    assert_eq!(read_split(&dir.path().join("out"), &manifest, Split::Train), expected);
+    assert_eq!(manifest.train.bytes, documents[3].1.len() as u64);
+}

@@ -36,7 +36,7 @@ pub fn train_tokenizer(
     let (documents, stats) = dagmoe_data::sources::read_all(inputs, source.clone())?;
     if documents.is_empty() {
         return Err(Error::Usage(format!(
-            "{} contains no usable document ({} empty, {} unreadable records); pass text files, JSONL or Parquet with a text field",
+            "{} contains no usable document ({} empty, {} unreadable records); pass text files, or JSONL or Parquet whose text is in the --text-field",
             inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
             stats.empty_documents,
             stats.bad_records

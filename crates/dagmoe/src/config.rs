@@ -267,6 +267,10 @@ pub fn validate(config: &RunConfig) -> std::result::Result<(), String> {
             return Err(format!("invalid data.mixture.{name}.weight = {}: use a positive number", entry.weight));
         }
     }
+    let total_weight: f64 = data.mixture.values().map(|entry| entry.weight).sum();
+    if !total_weight.is_finite() {
+        return Err(format!("invalid data.mixture weights: their sum {total_weight} overflows; use weights such as 0.7 and 0.3"));
+    }
     if data.prefetch > 1024 {
         return Err(format!("invalid data.prefetch = {}: use at most 1024 batches, or 0 to read on the training thread", data.prefetch));
     }

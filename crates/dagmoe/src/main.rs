@@ -442,7 +442,7 @@ fn run(cli: Cli) -> Result<()> {
             let bytes: u64 = splits.iter().map(|s| s.bytes).sum();
             let tokens: u64 = splits.iter().map(|s| s.tokens).sum();
             println!(
-                "prepared {} ({}): train {} documents, {} tokens; valid {} documents, {} tokens; test {} documents, {} tokens; {:.2} bytes per token; skipped {} empty documents and {} unreadable records",
+                "prepared {} ({}): train {} documents, {} tokens; valid {} documents, {} tokens; test {} documents, {} tokens; {:.2} bytes per token; skipped: {} empty, {} unreadable",
                 summary.output.display(),
                 m.name,
                 m.train.documents,

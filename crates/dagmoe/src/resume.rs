@@ -85,7 +85,7 @@ pub(crate) fn resume_checkpoint(
         differences.push("data.tokenizer (its content changed)".to_string());
     }
     if checkpoint.state.train_data_sha256 != train_data_sha256 {
-        differences.push("data.train, data.mixture or data.sft (the training data changed)".to_string());
+        differences.push("the training data (data.train, data.mixture or data.sft, or the files they name, changed)".to_string());
     }
     if !differences.is_empty() {
         if !allow_change {

@@ -184,7 +184,7 @@ fn mixture_run_resumes_exactly() {
     let output = pretrain_command(&fixture, "tiny-moe", "interrupted", true).args(["--set", "train.steps=30"]).output().unwrap();
     assert!(!output.status.success(), "a single-corpus resume of a mixture run must fail");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("the training data changed"), "{stderr}");
+    assert!(stderr.contains("the training data (data.train, data.mixture or data.sft"), "{stderr}");
 }
 
 #[test]

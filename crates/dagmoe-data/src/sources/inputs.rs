@@ -87,7 +87,10 @@ fn expand_glob(pattern: &Path) -> Result<Vec<SourceFile>> {
             pattern.display()
         )));
     };
-    let matches = glob::glob(pattern_text)
+    // Like a shell, a wildcard does not match a leading dot, so `corpus/*`
+    // skips `.git` and the hidden staging directories of `prepare`.
+    let match_options = glob::MatchOptions { require_literal_leading_dot: true, ..glob::MatchOptions::new() };
+    let matches = glob::glob_with(pattern_text, match_options)
         .map_err(|e| DataError::Invalid(format!("invalid glob pattern {pattern_text:?}: {e}")))?;
     let mut paths = Vec::new();
     for entry in matches {

@@ -192,7 +192,7 @@ fn invalid_utf8_text_file_is_a_bad_record() {
 }
 
 #[test]
-fn invalid_utf8_after_first_segment_truncates_document() {
+fn invalid_utf8_after_first_segment_discards_document() {
     let dir = tempfile::tempdir().unwrap();
     let mut bytes = "line of text\n".repeat(40).into_bytes();
     let invalid_at = bytes.len() + 5;
@@ -203,12 +203,13 @@ fn invalid_utf8_after_first_segment_truncates_document() {
 
     let (all, stats) = segments(&[&path], short_segments.clone());
     let last = all.last().unwrap();
-    assert_eq!(last, &Segment { key: "long.txt".into(), text: String::new(), end_of_document: true });
+    assert_eq!(last, &Segment { key: "long.txt".into(), text: String::new(), end_of_document: true, discarded: true });
     let yielded: String = all.iter().map(|segment| segment.text.as_str()).collect();
     assert!(String::from_utf8_lossy(&bytes).starts_with(&yielded));
     assert!(yielded.len() < invalid_at);
     assert_eq!(all.iter().filter(|segment| segment.end_of_document).count(), 1);
-    assert_eq!(stats.documents, 1);
+    assert_eq!(stats.documents, 0, "the dropped document is not counted as read");
+    assert_eq!(stats.bytes, 0);
     assert_eq!(stats.bad_records, 1);
 
     let strict = SourceOptions { bad_records: BadRecordPolicy::Fail, ..short_segments };
