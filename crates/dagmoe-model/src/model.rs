@@ -8,7 +8,6 @@
 //! ```
 
 use burn::module::{Module, Param};
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
 use crate::config::{Aggregation, ConfigError, ModelConfig};
@@ -146,8 +145,14 @@ impl DagMoeModel {
 /// - logits: `[b, t, v]`, targets: `[b, t]`, output: `[b, t]`
 pub fn token_nll(logits_btv: Tensor<3>, targets_bt: Tensor<2, Int>) -> Tensor<2> {
     let [b, t, _] = logits_btv.dims();
-    let log_probs_btv = log_softmax(logits_btv, 2);
-    log_probs_btv.gather(2, targets_bt.unsqueeze_dim(2)).reshape([b, t]).neg()
+    // log-sum-exp minus the target logit: the same value as gathering from
+    // log_softmax, without materialising the [b, t, v] log-probabilities and
+    // their gradient, two fewer vocabulary-sized tensors per step.
+    let max_bt1 = logits_btv.clone().detach().max_dim(2);
+    let shifted_btv = logits_btv.clone() - max_bt1.clone();
+    let log_sum_exp_bt1 = shifted_btv.exp().sum_dim(2).log() + max_bt1;
+    let target_bt1 = logits_btv.gather(2, targets_bt.unsqueeze_dim(2));
+    (log_sum_exp_bt1 - target_bt1).reshape([b, t])
 }
 
 /// Parameter counts of a configuration, computed without building the model.
