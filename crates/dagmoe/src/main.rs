@@ -328,6 +328,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { config: config_path, overrides, warmup, steps } => {
             let config = dagmoe::load_config(&config_path, &overrides)?;
             let params = dagmoe_model::ParamCounts::of(&config.model).total;
+            let flops_per_token = dagmoe::train::flops_per_token(&config);
             let (threads, device) = (config.train.threads, config.train.device.clone());
             let report = dagmoe::train::bench_training(config, warmup, steps)?;
             let mut line = serde_json::json!({
@@ -335,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 "config": config_path,
                 "overrides": overrides,
                 "params": params,
+                "flops_per_token": flops_per_token,
                 "threads": threads,
                 "device": device,
             });
