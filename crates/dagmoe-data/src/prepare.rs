@@ -165,12 +165,13 @@ pub fn prepare_corpus(
 ) -> Result<PrepareSummary> {
     check_options(options)?;
     let bos_id = match &options.bos_token {
-        Some(token) => Some(tokenizer.token_id(token).ok_or_else(|| {
-            DataError::Invalid(format!(
-                "BOS token {token:?} is not in the tokenizer {}; pass a token of its vocabulary or leave out --bos-token",
+        Some(token) if tokenizer.is_special_token(token) => tokenizer.token_id(token),
+        Some(token) => {
+            return Err(DataError::Invalid(format!(
+                "BOS token {token:?} is not a special token of the tokenizer {}; pass one of its special tokens, train one in with `dagmoe data tokenizer --special-token`, or leave out --bos-token",
                 tokenizer.path().display()
-            ))
-        })?),
+            )));
+        }
         None => None,
     };
     let staging = staging_dir(&options.output);

@@ -63,6 +63,11 @@ impl TextTokenizer {
         self.eos_id
     }
 
+    /// Whether `token` is one of the tokenizer's special tokens.
+    pub fn is_special_token(&self, token: &str) -> bool {
+        self.inner.get_added_vocabulary().is_special_token(token)
+    }
+
     /// Id of a token of the vocabulary, special tokens included.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

@@ -96,10 +96,13 @@ fn bos_token_starts_every_document() {
     }
     assert_eq!(tokens, expected);
 
-    let unknown = PrepareOptions { bos_token: Some("<s>".into()), ..options(sample_dir(), dir.path().join("unknown-bos")) };
-    let error = prepare_corpus(&tokenizer, &unknown, &mut |_| {}).unwrap_err().to_string();
-    assert!(error.contains("\"<s>\"") && error.contains("--bos-token"), "{error}");
-    assert!(!dir.path().join("unknown-bos").exists());
+    for token in ["<s>", "a"] {
+        let output = dir.path().join("rejected-bos");
+        let rejected = PrepareOptions { bos_token: Some(token.into()), ..options(sample_dir(), output.clone()) };
+        let error = prepare_corpus(&tokenizer, &rejected, &mut |_| {}).unwrap_err().to_string();
+        assert!(error.contains(&format!("{token:?} is not a special token")), "{error}");
+        assert!(!output.exists());
+    }
 }
 
 #[test]
