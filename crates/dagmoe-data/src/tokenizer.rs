@@ -34,7 +34,13 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json` file whose vocabulary has one of the
     /// [`EOS_TOKEN_CANDIDATES`]; the first found is the end-of-document token.
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| DataError::io("read tokenizer", path, e))?;
+        let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => DataError::Invalid(format!(
+                "tokenizer {} does not exist; train one with `dagmoe data tokenizer` or fix the path",
+                path.display()
+            )),
+            _ => DataError::io("read tokenizer", path, e),
+        })?;
         let mut inner = Tokenizer::from_bytes(&bytes).map_err(|e| DataError::Tokenizer {
             path: path.to_path_buf(),
             message: format!("{e}; pass a Hugging Face tokenizer.json or train one with `dagmoe data tokenizer`"),

@@ -292,7 +292,13 @@ fn main() -> ExitCode {
         Err(error) => {
             let rendered = error.to_string();
             let first = rendered.lines().next().unwrap_or_default().trim_start_matches("error: ");
-            eprintln!("dagmoe: {first}; run `dagmoe --help` for usage");
+            // An unquoted glob reaches clap as several paths after one --input.
+            let hint = if error.kind() == clap::error::ErrorKind::UnknownArgument && !first.contains("'-") {
+                "; quote a glob pattern (--input 'dir/*.txt') or repeat --input for each path"
+            } else {
+                ""
+            };
+            eprintln!("dagmoe: {first}{hint}; run `dagmoe --help` for usage");
             return ExitCode::from(2);
         }
     };

@@ -184,6 +184,8 @@ fn cli_reports_bad_input_in_one_line() {
         &["params", "--config", "configs/tiny-dagmoe.toml", "--set", "model.moe.aggregation=\"mean\""],
         &["pretrain"],
         &["data", "tokenizer", "--vocab-size", "-5", "--input", "x", "--output", "y"],
+        &["data", "prepare", "--input", "no-such-dir", "--tokenizer", "t.json", "--output", "o"],
+        &["data", "prepare", "--input", "a.txt", "b.txt", "--tokenizer", "t.json", "--output", "o"],
     ];
     for args in cases {
         let (code, stderr) = run_cli(args);
@@ -193,6 +195,8 @@ fn cli_reports_bad_input_in_one_line() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         assert_eq!(code, 2, "{args:?}: {stderr}");
     }
+    let (_, stderr) = run_cli(&["data", "prepare", "--input", "a.txt", "b.txt", "--tokenizer", "t.json", "--output", "o"]);
+    assert!(stderr.contains("quote a glob pattern"), "{stderr}");
 }
 
 #[test]

@@ -70,6 +70,10 @@ fn resolve_input(input: &Path) -> Result<Vec<SourceFile>> {
         }
         Ok(_) => list_directory(input, input),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && is_glob_pattern(input) => expand_glob(input),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(DataError::Invalid(format!(
+            "input {} does not exist; check the --input path",
+            input.display()
+        ))),
         Err(e) => Err(DataError::io("read corpus path", input, e)),
     }
 }
