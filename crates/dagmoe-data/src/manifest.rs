@@ -109,6 +109,16 @@ impl Manifest {
                 ),
             });
         }
+        let special_ids = [Some(manifest.eos_id), manifest.bos_id];
+        if let Some(id) = special_ids.into_iter().flatten().find(|&id| id as usize >= manifest.vocab_size) {
+            return Err(DataError::Manifest {
+                path,
+                message: format!(
+                    "special token id {id} is outside the vocabulary of {}; rerun `dagmoe data prepare`",
+                    manifest.vocab_size
+                ),
+            });
+        }
         Ok(manifest)
     }
 

@@ -270,6 +270,12 @@ fn write_prepared(
 }
 
 fn check_options(options: &PrepareOptions) -> Result<()> {
+    if options.name.trim().is_empty() || options.name.chars().any(char::is_control) {
+        return Err(DataError::Invalid(format!(
+            "corpus name {:?} is empty or contains control characters; pass a name such as kernel-docs with --name",
+            options.name
+        )));
+    }
     for (flag, value) in [("--valid-fraction", options.valid_fraction), ("--test-fraction", options.test_fraction)] {
         if !(0.0..=1.0).contains(&value) {
             return Err(DataError::Invalid(format!("{flag} {value} is outside [0, 1]; pass a value such as 0.05")));

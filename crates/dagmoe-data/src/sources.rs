@@ -243,8 +243,12 @@ impl DocumentSource {
     /// Counts a record and queues its segments.
     fn accept(&mut self, record: Record) -> Result<()> {
         match record {
-            Record::Text { key, text, end_of_document } => {
+            Record::Text { key, mut text, end_of_document } => {
                 let starts_document = self.open_document.is_none();
+                // A UTF-8 byte order mark is an encoding marker, not text, as in JSONL files.
+                if starts_document && text.starts_with('\u{feff}') {
+                    text.drain(..'\u{feff}'.len_utf8());
+                }
                 if starts_document && end_of_document && text.trim().is_empty() {
                     self.stats.empty_documents += 1;
                     return Ok(());

@@ -274,3 +274,42 @@ fn document_unreadable_after_first_segment_is_dropped_whole() {
     assert_eq!(read_split(&dir.path().join("out"), &manifest, Split::Train), expected);
     assert_eq!(manifest.train.bytes, documents[3].1.len() as u64);
 }
+
+#[test]
+fn byte_order_mark_is_not_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = tokenizer(dir.path());
+    let text = &sample_documents()[0].1;
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir(&corpus).unwrap();
+    std::fs::write(corpus.join("bom.txt"), format!("\u{feff}{text}")).unwrap();
+    let (manifest, _) = prepare(&tokenizer, &PrepareOptions { valid_fraction: 0.0, ..options(corpus, dir.path().join("out")) });
+    let mut expected = tokenizer.encode(text).unwrap();
+    expected.push(tokenizer.eos_id());
+    assert_eq!(read_split(&dir.path().join("out"), &manifest, Split::Train), expected);
+}
+
+#[test]
+fn manifest_with_out_of_range_eos_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = tokenizer(dir.path());
+    let output = dir.path().join("out");
+    prepare(&tokenizer, &options(sample_dir(), output.clone()));
+    let path = output.join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    manifest["eos_id"] = serde_json::json!(9999);
+    std::fs::write(&path, manifest.to_string()).unwrap();
+    let error = Manifest::load(&output).unwrap_err().to_string();
+    assert!(error.contains("special token id 9999 is outside the vocabulary of 400"), "{error}");
+}
+
+#[test]
+fn empty_corpus_name_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokenizer = tokenizer(dir.path());
+    for name in ["", "two\nlines"] {
+        let named = PrepareOptions { name: name.into(), ..options(sample_dir(), dir.path().join("out")) };
+        let error = prepare_corpus(&tokenizer, &named, &mut |_| {}).unwrap_err().to_string();
+        assert!(error.contains("empty or contains control characters"), "{error}");
+    }
+}

@@ -86,6 +86,11 @@ pub(crate) fn open_training_corpora(config: &RunConfig, identity: &DataIdentity)
         let stream = TokenStream::open(dir, &manifest, Split::Train)?;
         corpora.push(TrainingCorpus { name, dir: dir.to_path_buf(), manifest, stream, weight });
     }
+    if corpora.iter().any(|c| c.manifest.bos_id != corpora[0].manifest.bos_id) {
+        tracing::warn!(
+            "the corpora of data.mixture were prepared with different --bos-token settings, so only some documents start with BOS"
+        );
+    }
     Ok(corpora)
 }
 
