@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::manifest::{MANIFEST_FILE, MANIFEST_VERSION, Manifest, ShardInfo, Split, SplitInfo};
 use crate::shard::{token_bytes_for_vocab, write_shard};
-use crate::sources::{DocumentSource, Segment, SourceOptions};
+use crate::sources::{DocumentSource, Segment, SourceOptions, describe_inputs, no_usable_documents};
 use crate::tokenizer::{TextTokenizer, sha256_hex};
 use crate::{DataError, Result};
 
@@ -57,62 +57,6 @@ impl PrepareOptions {
 pub struct PrepareSummary {
     pub manifest: Manifest,
     pub output: PathBuf,
-}
-
-/// Lists the documents under `input`: the file itself, or every file below the
-/// directory, sorted by relative path so the result is the same on every machine.
-///
-/// Symbolic links are followed (a Hugging Face cache snapshot is made of
-/// them), each directory and file once. Hidden entries, whose names start with a dot
-/// such as `.git`, are skipped, as is anything that is neither a file nor a
-/// directory; each skipped link or special file is logged.
-pub fn list_documents(input: &Path) -> Result<Vec<PathBuf>> {
-    let metadata = std::fs::metadata(input).map_err(|e| DataError::io("read corpus path", input, e))?;
-    if metadata.is_file() {
-        return Ok(vec![input.to_path_buf()]);
-    }
-    let mut files = Vec::new();
-    let mut visited = std::collections::HashSet::new();
-    let mut pending = vec![input.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let canonical = std::fs::canonicalize(&dir).map_err(|e| DataError::io("resolve directory", &dir, e))?;
-        if !visited.insert(canonical) {
-            tracing::warn!(path = %dir.display(), "skipping a directory reached a second time through a symbolic link");
-            continue;
-        }
-        let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io("list directory", &dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| DataError::io("list directory", &dir, e))?;
-            if entry.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let path = entry.path();
-            // `metadata` follows symbolic links; a dangling link has none.
-            match std::fs::metadata(&path) {
-                Ok(target) if target.is_dir() => pending.push(path),
-                Ok(target) if target.is_file() => files.push(path),
-                Ok(_) => tracing::warn!(path = %path.display(), "skipping an entry that is neither a file nor a directory"),
-                Err(error) => tracing::warn!(path = %path.display(), %error, "skipping an entry that cannot be read"),
-            }
-        }
-    }
-    files.sort();
-    // A file reached through several links is read once, under its first path.
-    let mut seen = std::collections::HashSet::new();
-    files.retain(|path| {
-        let first = seen.insert(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()));
-        if !first {
-            tracing::warn!(path = %path.display(), "skipping a second path to a file already read");
-        }
-        first
-    });
-    if files.is_empty() {
-        return Err(DataError::Invalid(format!(
-            "corpus directory {} contains no files (hidden files are skipped); pass another --input",
-            input.display()
-        )));
-    }
-    Ok(files)
 }
 
 fn open_source(options: &PrepareOptions) -> Result<DocumentSource> {
@@ -230,12 +174,7 @@ fn write_prepared(
     on_progress(encoder.progress);
     let stats = source.stats();
     if encoder.progress.documents == 0 {
-        return Err(DataError::Invalid(format!(
-            "{} contains no usable document ({} empty, {} unreadable records); pass text files, or JSONL or Parquet whose text is in the --text-field",
-            describe_inputs(&options.inputs),
-            stats.empty_documents,
-            stats.bad_records
-        )));
+        return Err(no_usable_documents(&options.inputs, stats));
     }
 
     if writers[0].info.documents == 0 {
@@ -381,10 +320,6 @@ impl SegmentEncoder<'_> {
         }
         Ok(())
     }
-}
-
-fn describe_inputs(inputs: &[PathBuf]) -> String {
-    inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
 }
 
 fn staging_dir(output: &Path) -> PathBuf {

@@ -352,6 +352,21 @@ fn validate_options(options: &SourceOptions) -> Result<()> {
     Ok(())
 }
 
+/// Returns the inputs as one comma-separated list, for messages and manifests.
+pub fn describe_inputs<P: AsRef<Path>>(inputs: &[P]) -> String {
+    inputs.iter().map(|p| p.as_ref().display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// Builds the error for inputs that gave no document, with the counts of what was skipped.
+pub fn no_usable_documents<P: AsRef<Path>>(inputs: &[P], stats: &SourceStats) -> DataError {
+    DataError::Invalid(format!(
+        "{} contains no usable document ({} empty, {} unreadable records); pass text files, or JSONL or Parquet whose text is in the --text-field",
+        describe_inputs(inputs),
+        stats.empty_documents,
+        stats.bad_records
+    ))
+}
+
 /// Reads every document of `inputs` whole, as `(key, text)` pairs in input
 /// order, for the tokenizer trainer.
 pub fn read_all<P: AsRef<Path>>(inputs: &[P], options: SourceOptions) -> Result<(Vec<(String, String)>, SourceStats)> {

@@ -28,8 +28,7 @@ pub(crate) fn open_training_data(
     let (source, unigram, sha256, origin) = match &data.sft {
         None => {
             let corpora = open_training_corpora(config, identity)?;
-            let weighted: Vec<(&TokenStream, f64)> = corpora.iter().map(|c| (&c.stream, c.weight)).collect();
-            let unigram = Unigram::fit_mixture(&weighted, config.model.vocab_size);
+            let unigram = training_unigram(&corpora, config.model.vocab_size);
             let sha256 = training_data_sha256(&corpora);
             let origin = corpora.iter().map(|c| c.dir.display().to_string()).collect::<Vec<_>>().join(" + ");
             let components = corpora
@@ -94,12 +93,20 @@ pub(crate) fn open_training_corpora(config: &RunConfig, identity: &DataIdentity)
     Ok(corpora)
 }
 
+/// Fits the unigram baseline of the training corpora, weighted as in the mixture.
+pub(crate) fn training_unigram(corpora: &[TrainingCorpus], vocab_size: usize) -> Unigram {
+    let weighted: Vec<(&TokenStream, f64)> = corpora.iter().map(|c| (&c.stream, c.weight)).collect();
+    Unigram::fit_mixture(&weighted, vocab_size)
+}
+
 /// Hash over the corpus names, weights and shard checksums: a saved loader
 /// position is meaningful only for the same token streams in the same mixture.
 fn training_data_sha256(corpora: &[TrainingCorpus]) -> String {
     let shard_checksums = |corpus: &TrainingCorpus| -> String {
         corpus.manifest.train.shards.iter().map(|s| s.sha256.as_str()).collect::<Vec<_>>().join(",")
     };
+    // A plain data.train keeps the hash of the shard checksums alone, the
+    // form checkpoints stored before mixtures existed, so they still resume.
     if let [single] = corpora {
         if single.weight == 1.0 && single.name == "train" {
             return dagmoe_data::sha256_hex(shard_checksums(single).as_bytes());

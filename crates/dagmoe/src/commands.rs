@@ -4,17 +4,17 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use dagmoe_data::{PrepareOptions, PrepareSummary, TextTokenizer, TokenStream};
+use dagmoe_data::{PrepareOptions, PrepareSummary, TextTokenizer};
 use dagmoe_data::sources::SourceOptions;
 use dagmoe_model::{ParamCounts, parse_device};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::batches::open_training_corpora;
+use crate::batches::{open_training_corpora, training_unigram};
 use crate::checkpoint::Checkpoint;
 use crate::config::{RunConfig, parse_config};
 use crate::error::{Error, Result};
-use crate::eval::{DataIdentity, EvalResult, EvalWindow, Unigram, evaluate, open_eval_set};
+use crate::eval::{DataIdentity, EvalResult, EvalWindow, evaluate, open_eval_set};
 use crate::generate::{SamplingOptions, generate};
 use crate::tasks::{TaskResult, load_task, score_task};
 use crate::train::set_threads;
@@ -35,12 +35,7 @@ pub fn train_tokenizer(
     }
     let (documents, stats) = dagmoe_data::sources::read_all(inputs, source.clone())?;
     if documents.is_empty() {
-        return Err(Error::Usage(format!(
-            "{} contains no usable document ({} empty, {} unreadable records); pass text files, or JSONL or Parquet whose text is in the --text-field",
-            inputs.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
-            stats.empty_documents,
-            stats.bad_records
-        )));
+        return Err(dagmoe_data::sources::no_usable_documents(inputs, &stats).into());
     }
     let texts: Vec<String> = documents.into_iter().map(|(_, text)| text).collect();
     let tokenizer = dagmoe_data::train_bpe_tokenizer(&texts, vocab_size, special_tokens, output)?;
@@ -174,10 +169,7 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
     // data is gone or the run fine-tuned on examples.
     let unigram = match config.data.sft {
         Some(_) => None,
-        None => open_training_corpora(config, &identity).ok().map(|corpora| {
-            let weighted: Vec<(&TokenStream, f64)> = corpora.iter().map(|c| (&c.stream, c.weight)).collect();
-            Unigram::fit_mixture(&weighted, config.model.vocab_size)
-        }),
+        None => open_training_corpora(config, &identity).ok().map(|corpora| training_unigram(&corpora, config.model.vocab_size)),
     };
     let limit = options.eval_tokens.unwrap_or(config.data.eval_tokens);
     let seq_len = config.data.seq_len;

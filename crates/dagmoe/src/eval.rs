@@ -89,10 +89,6 @@ pub struct Unigram {
 }
 
 impl Unigram {
-    pub fn fit(stream: &TokenStream, vocab_size: usize) -> Self {
-        Self::fit_mixture(&[(stream, 1.0)], vocab_size)
-    }
-
     /// Fits the unigram of a weighted mixture: each stream's smoothed
     /// distribution, averaged with the normalised weights.
     pub fn fit_mixture(streams: &[(&TokenStream, f64)], vocab_size: usize) -> Self {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
-use dagmoe_data::{Batch, TextTokenizer};
+use dagmoe_data::{Batch, BatchProducer, Prefetcher, TextTokenizer};
 use dagmoe_model::{DagMoeModel, ParamCounts, token_nll};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
@@ -21,7 +21,6 @@ use crate::metrics::{MetricsWriter, StepMetrics, trim_metrics_after};
 use crate::optim::{AdamW, clip_scale, global_norm, learning_rate};
 use crate::params::{GradientCollector, ParamUpdater};
 use crate::batches::{BatchSource, open_training_data};
-use dagmoe_data::{BatchProducer, Prefetcher};
 use crate::resume::resume_checkpoint;
 use crate::tasks::{ChoiceItem, TaskResult, load_task, score_task};
 

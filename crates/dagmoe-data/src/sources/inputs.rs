@@ -4,7 +4,6 @@
 use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
-use crate::prepare::list_documents;
 use crate::{DataError, Result};
 
 use super::Format;
@@ -76,6 +75,62 @@ fn resolve_input(input: &Path) -> Result<Vec<SourceFile>> {
         ))),
         Err(e) => Err(DataError::io("read corpus path", input, e)),
     }
+}
+
+/// Lists the documents under `input`: the file itself, or every file below the
+/// directory, sorted by relative path so the result is the same on every machine.
+///
+/// Symbolic links are followed (a Hugging Face cache snapshot is made of
+/// them), each directory and file once. Hidden entries, whose names start with a dot
+/// such as `.git`, are skipped, as is anything that is neither a file nor a
+/// directory; each skipped link or special file is logged.
+fn list_documents(input: &Path) -> Result<Vec<PathBuf>> {
+    let metadata = std::fs::metadata(input).map_err(|e| DataError::io("read corpus path", input, e))?;
+    if metadata.is_file() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    let mut files = Vec::new();
+    let mut visited = std::collections::HashSet::new();
+    let mut pending = vec![input.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let canonical = std::fs::canonicalize(&dir).map_err(|e| DataError::io("resolve directory", &dir, e))?;
+        if !visited.insert(canonical) {
+            tracing::warn!(path = %dir.display(), "skipping a directory reached a second time through a symbolic link");
+            continue;
+        }
+        let entries = std::fs::read_dir(&dir).map_err(|e| DataError::io("list directory", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| DataError::io("list directory", &dir, e))?;
+            if entry.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            // `metadata` follows symbolic links; a dangling link has none.
+            match std::fs::metadata(&path) {
+                Ok(target) if target.is_dir() => pending.push(path),
+                Ok(target) if target.is_file() => files.push(path),
+                Ok(_) => tracing::warn!(path = %path.display(), "skipping an entry that is neither a file nor a directory"),
+                Err(error) => tracing::warn!(path = %path.display(), %error, "skipping an entry that cannot be read"),
+            }
+        }
+    }
+    files.sort();
+    // A file reached through several links is read once, under its first path.
+    let mut seen = std::collections::HashSet::new();
+    files.retain(|path| {
+        let first = seen.insert(std::fs::canonicalize(path).unwrap_or_else(|_| path.clone()));
+        if !first {
+            tracing::warn!(path = %path.display(), "skipping a second path to a file already read");
+        }
+        first
+    });
+    if files.is_empty() {
+        return Err(DataError::Invalid(format!(
+            "corpus directory {} contains no files (hidden files are skipped); pass another --input",
+            input.display()
+        )));
+    }
+    Ok(files)
 }
 
 /// Lists every file below `directory` with keys relative to `root`.
