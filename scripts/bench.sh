@@ -4,9 +4,9 @@
 # For each case it runs `dagmoe bench` and scripts/bench/torch_train.py in
 # alternation, ROUNDS times each, on the same config, shapes, float32,
 # thread count and prepared kernel-docs windows. Each run prints its median
-# step time; the table gives the median over rounds, tokens/s, the ratio
-# dagmoe/PyTorch (above 1: dagmoe is faster) and each process's peak
-# resident memory. It then prints the DAG overhead (step time over the
+# step time. The table gives the median over rounds, tokens/s, the ratio
+# of PyTorch's step time to dagmoe's (above 1: dagmoe is faster) and each
+# process's peak resident memory. It then prints the DAG overhead (step time over the
 # weighted-sum baseline's, same implementation) and the expert scaling
 # (32 experts over 8 at the same top-k and expert size).
 #

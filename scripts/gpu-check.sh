@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPU check for a machine with an NVIDIA GPU: builds dagmoe, then times a
-# few hundred training steps of the paper-size DAG-MoE preset
-# (configs/paper/dagmoe-l.toml, 24 layers, 16 experts, about 700M
-# parameters) with dagmoe and with the PyTorch eager reference, and prints
-# tokens/s, model FLOPs utilisation against the card's bf16 dense peak, and
-# peak GPU memory (sampled with nvidia-smi) for each.
+# GPU check for a machine with an NVIDIA GPU. It builds dagmoe, then times
+# a few hundred training steps of the paper-size DAG-MoE preset
+# (configs/paper/dagmoe-l.toml: 24 layers, 16 experts, about 700M
+# parameters) with dagmoe and with the PyTorch eager reference. For each it
+# prints tokens/s, model FLOPs utilisation against the card's bf16 dense
+# peak, and peak GPU memory sampled with nvidia-smi.
 #
 # The vocabulary is set to the prepared kernel-docs tokenizer's 8192 so the
 # check runs offline on data that travels with the repository's data/

@@ -580,7 +580,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let component = MixtureComponent { name: "zero".into(), stream: positional_stream(dir.path(), &[64]), weight: 0.0 };
         let error = TrainLoader::mixture(vec![component], 5, 3, 11).err().expect("zero weight is rejected").to_string();
-        assert!(error.contains("zero") && error.contains("positive weight"), "{error}");
+        assert!(error.contains("zero"), "{error}");
+    assert!(error.contains("positive weight"), "{error}");
 
         let mut loader = two_corpus_loader(dir.path(), [1.0, 1.0], 1);
         let single = TrainCursor { rows: 3, corpora: vec![LoaderCursor::default()] };

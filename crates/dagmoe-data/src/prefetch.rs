@@ -1,5 +1,5 @@
 //! Background batch preparation, so the next batch is ready before the
-//! training step asks for it.
+//! training step needs it.
 //!
 //! A checkpoint must record the loader position after the last batch the
 //! step consumed, not after the batches the worker has already read ahead.

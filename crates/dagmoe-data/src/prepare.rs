@@ -20,7 +20,7 @@ pub struct PrepareOptions {
     pub output: PathBuf,
     /// Corpus name recorded in the manifest.
     pub name: String,
-    /// How documents are read from the inputs.
+    /// Reading options: format, text field, separator and bad-record policy.
     pub source: SourceOptions,
     /// Fraction of documents, chosen by a hash of their key, held out for validation.
     pub valid_fraction: f64,
@@ -278,7 +278,7 @@ struct SegmentEncoder<'a> {
     test_fraction: f64,
     /// Tokens of the document whose last segment is still to come. They are
     /// written when it ends, so a document the source discards part-way
-    /// leaves nothing behind; this holds one document's ids, not its text.
+    /// leaves nothing behind. The buffer keeps one document's ids, not its text.
     document_ids: Vec<u32>,
     document_bytes: u64,
     progress: PrepareProgress,

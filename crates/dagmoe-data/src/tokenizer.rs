@@ -69,7 +69,7 @@ impl TextTokenizer {
         self.eos_id
     }
 
-    /// Whether `token` is one of the tokenizer's special tokens.
+    /// Returns whether `token` is one of the tokenizer's special tokens.
     pub fn is_special_token(&self, token: &str) -> bool {
         self.inner.get_added_vocabulary().is_special_token(token)
     }

@@ -14,7 +14,7 @@ fn sample_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fixtures/kernel-docs-sample/sources")
 }
 
-/// The sample's documents in the order `prepare` reads a directory.
+/// Returns the sample's documents in the order `prepare` reads a directory.
 fn sample_documents() -> Vec<(String, String)> {
     let mut paths: Vec<PathBuf> = std::fs::read_dir(sample_dir()).unwrap().map(|e| e.unwrap().path()).collect();
     paths.sort();
@@ -186,7 +186,8 @@ fn fractions_that_leave_no_training_data_are_rejected() {
     let tokenizer = tokenizer(dir.path());
     let halves = PrepareOptions { valid_fraction: 0.5, test_fraction: 0.5, ..options(sample_dir(), dir.path().join("none")) };
     let error = prepare_corpus(&tokenizer, &halves, &mut |_| {}).unwrap_err().to_string();
-    assert!(error.contains("--valid-fraction 0.5") && error.contains("--test-fraction 0.5"), "{error}");
+    assert!(error.contains("--valid-fraction 0.5"), "{error}");
+    assert!(error.contains("--test-fraction 0.5"), "{error}");
 }
 
 #[test]
@@ -215,7 +216,8 @@ fn tokenizer_with_another_eos_name_prepares() {
 
     std::fs::write(&foreign, json.replace(dagmoe_data::EOS_TOKEN, "<|unknown|>")).unwrap();
     let error = TextTokenizer::load(&foreign).err().expect("no end-of-document token").to_string();
-    assert!(error.contains("</s>") && error.contains("add `<|endoftext|>`"), "{error}");
+    assert!(error.contains("</s>"), "{error}");
+    assert!(error.contains("add `<|endoftext|>`"), "{error}");
 }
 
 #[test]

@@ -218,7 +218,7 @@ enum DataCommand {
     },
 }
 
-/// How `data tokenizer` and `data prepare` read documents.
+/// Document-reading options of `data tokenizer` and `data prepare`.
 #[derive(Debug, clap::Args)]
 struct SourceArgs {
     /// Input format; `auto` chooses by file extension.
@@ -231,8 +231,8 @@ struct SourceArgs {
     /// line of its own); by default each file is one document.
     #[arg(long)]
     separator: Option<String>,
-    /// What to do with an unreadable record (invalid JSON or UTF-8, a
-    /// missing or non-text field): skip and count it, or stop.
+    /// Policy for an unreadable record (invalid JSON or UTF-8, a missing or
+    /// non-text field): skip and count it, or stop.
     #[arg(long, value_enum, default_value_t = BadRecordArg::Skip)]
     on_bad_record: BadRecordArg,
 }

@@ -88,10 +88,10 @@ pub fn set_threads(threads: usize) {
 /// Keeps freed memory in the process instead of returning it to the kernel.
 ///
 /// glibc serves every allocation above its mmap threshold (at most 32 MiB
-/// when adjusted dynamically) with a fresh mapping and unmaps it on free,
-/// so the logits of a step (`batch * seq_len * vocab` floats, 64 MiB for the
-/// small presets) and their gradients are page-faulted and zeroed anew every
-/// step. Raising the threshold and disabling heap trimming lets those
+/// when adjusted dynamically) with a fresh mapping and unmaps it on free.
+/// The logits of a step are `batch * seq_len * vocab` floats, 64 MiB for the
+/// small presets, so they and their gradients were page-faulted and zeroed
+/// anew every step. Raising the threshold and disabling heap trimming lets those
 /// blocks be reused. NOTE: this trades a higher resident set (about 250 MiB
 /// on the small presets) for step time, measured by scripts/bench.sh.
 pub fn keep_freed_memory() {

@@ -81,9 +81,9 @@ fn resolve_input(input: &Path) -> Result<Vec<SourceFile>> {
 /// directory, sorted by relative path so the result is the same on every machine.
 ///
 /// Symbolic links are followed (a Hugging Face cache snapshot is made of
-/// them), each directory and file once. Hidden entries, whose names start with a dot
-/// such as `.git`, are skipped, as is anything that is neither a file nor a
-/// directory; each skipped link or special file is logged.
+/// them), each directory and file once. Hidden entries, whose names start
+/// with a dot such as `.git`, are skipped silently. Anything that is neither
+/// a file nor a directory is skipped with a log line.
 fn list_documents(input: &Path) -> Result<Vec<PathBuf>> {
     let metadata = std::fs::metadata(input).map_err(|e| DataError::io("read corpus path", input, e))?;
     if metadata.is_file() {
