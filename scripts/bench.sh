@@ -2,7 +2,7 @@
 # Training-step benchmark, dagmoe against PyTorch eager on the same model.
 #
 # For each case it runs `dagmoe bench` and scripts/bench/torch_train.py in
-# alternation, ROUNDS times each, on the same config, shapes, float32,
+# alternation, ROUNDS times each, on the same config, shapes, precision,
 # thread count and prepared kernel-docs windows. Each run prints its median
 # step time. The table gives the median over rounds, tokens/s, the ratio
 # of PyTorch's step time to dagmoe's (above 1: dagmoe is faster) and each
@@ -10,14 +10,24 @@
 # weighted-sum baseline's, same implementation) and the expert scaling
 # (32 experts over 8 at the same top-k and expert size).
 #
+# PRECISION f32 (the default) runs both in float32; bf16 runs dagmoe with
+# train.precision = "bf16" and PyTorch under bf16 autocast, both keeping
+# float32 weights, router and losses.
+#
 # Needs the tokenizer and prepared data of scripts/quickstart.sh.
-# Usage: scripts/bench.sh [ROUNDS] [STEPS]   (defaults 2 and 10)
+# Usage: scripts/bench.sh [ROUNDS] [STEPS] [PRECISION]   (defaults 2, 10, f32)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$DAGMOE_ROOT"
 
 rounds=${1:-2}
 steps=${2:-10}
+precision=${3:-f32}
+case $precision in
+    f32) torch_dtype=float32 ;;
+    bf16) torch_dtype=bfloat16 ;;
+    *) echo "bench: unknown precision '$precision'; use f32 or bf16" >&2; exit 2 ;;
+esac
 warmup=3
 threads=$(nproc)
 data=data/prepared/kernel-docs
@@ -40,12 +50,12 @@ cases=(
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem:/ {print $2}') GiB"
-echo "threads $threads, float32, $warmup warm-up and $steps timed steps per run, $rounds rounds"
+echo "threads $threads, $precision, $warmup warm-up and $steps timed steps per run, $rounds rounds"
 
 for round in $(seq "$rounds"); do
     for entry in "${cases[@]}"; do
         IFS='|' read -r name config overrides <<<"$entry"
-        sets=("--set" "train.threads=$threads")
+        sets=("--set" "train.threads=$threads" "--set" "train.precision=\"$precision\"")
         for override in $overrides; do
             sets+=("--set" "$override")
         done
@@ -53,7 +63,7 @@ for round in $(seq "$rounds"); do
         target/release/dagmoe bench --config "$config" "${sets[@]}" --warmup "$warmup" --steps "$steps" \
             | sed "s/^{/{\"case\":\"$name\",/" >>"$results"
         .venv/bin/python scripts/bench/torch_train.py --config "$config" "${sets[@]}" --warmup "$warmup" \
-            --steps "$steps" --threads "$threads" --data "$data" \
+            --steps "$steps" --threads "$threads" --data "$data" --dtype "$torch_dtype" \
             | sed "s/^{/{\"case\":\"$name\",/" >>"$results"
     done
 done

@@ -8,8 +8,9 @@
 #
 # The vocabulary is set to the prepared kernel-docs tokenizer's 8192 so the
 # check runs offline on data that travels with the repository's data/
-# directory; every other shape is the preset's. dagmoe trains in float32
-# (it has no bf16 path yet); PyTorch runs in both float32 and bf16 autocast.
+# directory; every other shape is the preset's. Both dagmoe and PyTorch run
+# once in float32 and once with bf16 matrix products (train.precision =
+# "bf16" and torch.autocast), float32 weights in both.
 #
 # Usage: scripts/gpu-check.sh [STEPS] [PEAK_BF16_TFLOPS]
 #   STEPS defaults to 200. The peak defaults to 989 TFLOP/s, the dense bf16
@@ -54,7 +55,10 @@ measure() {
 
 results=$(mktemp)
 trap 'rm -f "$results"' EXIT
-measure target/release/dagmoe bench --config "$config" "${sets[@]}" --warmup 10 --steps "$steps" >>"$results"
+for precision in f32 bf16; do
+    measure target/release/dagmoe bench --config "$config" "${sets[@]}" --set "train.precision=\"$precision\"" \
+        --warmup 10 --steps "$steps" >>"$results"
+done
 for dtype in float32 bfloat16; do
     measure .venv/bin/python scripts/bench/torch_train.py --config "$config" "${sets[@]}" --device cuda:0 \
         --dtype "$dtype" --warmup 10 --steps "$steps" --data "$data" >>"$results"
@@ -66,8 +70,10 @@ runs = [json.loads(line) for line in open(sys.argv[1])]
 peak = float(sys.argv[2]) * 1e12
 flops_per_token = next(r["flops_per_token"] for r in runs if r["impl"] == "dagmoe")
 print(f"{'impl':<8} {'dtype':<9} {'params':>13} {'tokens/s':>10} {'MFU':>7} {'peak GPU MiB':>13}")
+names = {"f32": "float32", "bf16": "bfloat16"}
 for r in runs:
+    r.setdefault("dtype", names.get(r.get("precision"), "float32"))
     mfu = r["tokens_per_second"] * flops_per_token / peak
-    print(f"{r['impl']:<8} {r.get('dtype', 'float32'):<9} {r['params']:>13,} {r['tokens_per_second']:>10.0f} "
+    print(f"{r['impl']:<8} {r['dtype']:<9} {r['params']:>13,} {r['tokens_per_second']:>10.0f} "
           f"{100 * mfu:>6.1f}% {r['peak_gpu_mib_sampled']:>13}")
 PY

@@ -37,6 +37,44 @@ pub enum DagNorm {
     RmsNorm,
 }
 
+/// Number format of the matrix products in a forward and backward pass.
+///
+/// Weights, gradients and optimizer state stay float32 in both cases. With
+/// `Bf16` each projection (attention, experts, DAG, LM head) rounds its
+/// input and weight to bfloat16 and returns float32, the scores and context
+/// products of attention do the same around a float32 softmax, and the
+/// router, norms, residual stream and losses stay float32: the split that
+/// `torch.autocast` makes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    /// The config value naming this precision.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(name: &str) -> Result<Self, String> {
+        match name {
+            "f32" => Ok(Self::F32),
+            "bf16" => Ok(Self::Bf16),
+            _ => Err(format!("unknown precision {name:?}; use \"f32\" or \"bf16\"")),
+        }
+    }
+}
+
 /// `[model]`: the decoder backbone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

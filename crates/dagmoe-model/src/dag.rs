@@ -26,8 +26,8 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Device, Tensor};
 
-use crate::config::{DagConfig, DagNorm, EdgeGate};
-use crate::layers::{LayerNorm, RmsNorm, normal_weight, project, project_with};
+use crate::config::{DagConfig, DagNorm, EdgeGate, Precision};
+use crate::layers::{LayerNorm, RmsNorm, normal_weight, project_at};
 
 /// One message-passing level of the DAG.
 #[derive(Module, Debug)]
@@ -45,6 +45,8 @@ pub struct DagLevel {
     pub w_node: Param<Tensor<2>>,
     /// `[g, d]`, zero at initialization so a new DAG starts as the weighted sum plus `x`.
     pub w_up: Param<Tensor<2>>,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl DagLevel {
@@ -59,6 +61,7 @@ impl DagLevel {
             b_edge: Param::from_tensor(Tensor::zeros([edge_width], device)),
             w_node: normal_weight(2 * g, g, std, device),
             w_up: Param::from_tensor(Tensor::zeros([g, d], device)),
+            precision: Precision::F32,
         }
     }
 
@@ -76,29 +79,30 @@ impl DagLevel {
     /// - edges: `[t, k, k]`
     pub fn forward(&self, x_tkd: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
         let normed_tkd = normalize(&self.layer_norm, &self.rms_norm, x_tkd.clone());
-        let u_tkg = project(normed_tkd, &self.w_down);
+        let precision = self.precision;
+        let u_tkg = project_at(normed_tkd, self.w_down.val(), precision);
         let [_, g] = self.w_down.dims();
         let [_, edge_width] = self.w_edge.dims();
         let w_edge = self.w_edge.val();
         let w_node = self.w_node.val();
-        let receiver_tkg = project_with(u_tkg.clone(), w_node.clone().narrow(0, 0, g));
-        let sender_tkg = project_with(u_tkg.clone(), w_node.narrow(0, g, g));
+        let receiver_tkg = project_at(u_tkg.clone(), w_node.clone().narrow(0, 0, g), precision);
+        let sender_tkg = project_at(u_tkg.clone(), w_node.narrow(0, g, g), precision);
 
         // NOTE: every ordered pair is an edge, i == j included, because the
         // specification's pair set is "all ordered pairs (i, j)".
         let (message_tkg, edge_tkk) = if edge_width == 1 {
             // Scalar edges e[t, i, j] = sigmoid(u_i W_a + u_j W_b + b); the messages
             // sum_j e_ij (u_i N_a + u_j N_b) = (u_i N_a) sum_j e_ij + sum_j e_ij (u_j N_b).
-            let receiver_tk1 = project_with(u_tkg.clone(), w_edge.clone().narrow(0, 0, g));
-            let sender_tk1 = project_with(u_tkg, w_edge.narrow(0, g, g));
+            let receiver_tk1 = project_at(u_tkg.clone(), w_edge.clone().narrow(0, 0, g), precision);
+            let sender_tk1 = project_at(u_tkg, w_edge.narrow(0, g, g), precision);
             let edge_tkk = sigmoid(receiver_tk1 + sender_tk1.swap_dims(1, 2) + self.b_edge.val().unsqueeze());
             let message_tkg = receiver_tkg * edge_tkk.clone().sum_dim(2) + edge_tkk.clone().matmul(sender_tkg);
             (message_tkg, edge_tkk)
         } else {
             // Vector edges gate each channel, so the [t, k, k, g] gate tensor is
             // built (g wide, not the 2g of the concatenated pairs).
-            let receiver_tkg_edge = project_with(u_tkg.clone(), w_edge.clone().narrow(0, 0, g));
-            let sender_tkg_edge = project_with(u_tkg, w_edge.narrow(0, g, g));
+            let receiver_tkg_edge = project_at(u_tkg.clone(), w_edge.clone().narrow(0, 0, g), precision);
+            let sender_tkg_edge = project_at(u_tkg, w_edge.narrow(0, g, g), precision);
             let edge_tkkg = sigmoid(
                 receiver_tkg_edge.unsqueeze_dim::<4>(2) + sender_tkg_edge.unsqueeze_dim::<4>(1) + self.b_edge.val().unsqueeze(),
             );
@@ -108,7 +112,7 @@ impl DagLevel {
             (receiver_part + sender_part, edge_tkk)
         };
 
-        (x_tkd + project(message_tkg, &self.w_up), edge_tkk)
+        (x_tkd + project_at(message_tkg, self.w_up.val(), precision), edge_tkk)
     }
 }
 
@@ -146,6 +150,8 @@ pub struct MlpMix {
     pub w_down: Param<Tensor<2>>,
     /// `[g, d]`, zero at initialization.
     pub w_up: Param<Tensor<2>>,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl MlpMix {
@@ -155,6 +161,7 @@ impl MlpMix {
             rms_norm: (config.norm == DagNorm::RmsNorm).then(|| RmsNorm::new(d, eps, device)),
             w_down: normal_weight(d, config.d_g, std, device),
             w_up: Param::from_tensor(Tensor::zeros([config.d_g, d], device)),
+            precision: Precision::F32,
         }
     }
 
@@ -166,10 +173,11 @@ impl MlpMix {
     /// - x: `[t, k, d]` gated node outputs, output: `[t, d]`
     pub fn forward(&self, x_tkd: Tensor<3>) -> Tensor<2> {
         let [t, _, d] = x_tkd.dims();
-        let u_tkg = project(normalize(&self.layer_norm, &self.rms_norm, x_tkd.clone()), &self.w_down);
+        let normed_tkd = normalize(&self.layer_norm, &self.rms_norm, x_tkd.clone());
+        let u_tkg = project_at(normed_tkd, self.w_down.val(), self.precision);
         let [_, _, g] = u_tkg.dims();
         let mixed_tg = silu(u_tkg.sum_dim(1).reshape([t, g]));
-        x_tkd.sum_dim(1).reshape([t, d]) + project(mixed_tg, &self.w_up)
+        x_tkd.sum_dim(1).reshape([t, d]) + project_at(mixed_tg, self.w_up.val(), self.precision)
     }
 }
 

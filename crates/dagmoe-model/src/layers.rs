@@ -8,7 +8,9 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Device, Distribution, Tensor};
+use burn::tensor::{Bool, Device, Distribution, FloatDType, Tensor};
+
+use crate::config::Precision;
 
 /// Draws a `[d_in, d_out]` weight from `N(0, std^2)`.
 pub(crate) fn normal_weight(d_in: usize, d_out: usize, std: f64, device: &Device) -> Param<Tensor<2>> {
@@ -33,6 +35,14 @@ pub(crate) fn project_with<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> T
     let mut out_dims = dims;
     out_dims[D - 1] = d_out;
     x.reshape([rows, d_in]).matmul(weight).reshape(out_dims)
+}
+
+/// `x W` computed at `precision`, returned in float32.
+pub(crate) fn project_at<const D: usize>(x: Tensor<D>, weight: Tensor<2>, precision: Precision) -> Tensor<D> {
+    match precision {
+        Precision::F32 => project_with(x, weight),
+        Precision::Bf16 => project_with(x.cast(FloatDType::BF16), weight.cast(FloatDType::BF16)).cast(FloatDType::F32),
+    }
 }
 
 /// Root-mean-square normalization with a learned scale (Zhang and Sennrich, 2019).
@@ -87,6 +97,8 @@ pub struct SwiGlu {
     pub w_gate: Param<Tensor<2>>,
     pub w_up: Param<Tensor<2>>,
     pub w_down: Param<Tensor<2>>,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl SwiGlu {
@@ -95,6 +107,7 @@ impl SwiGlu {
             w_gate: normal_weight(d, hidden, std, device),
             w_up: normal_weight(d, hidden, std, device),
             w_down: normal_weight(hidden, d, std, device),
+            precision: Precision::F32,
         }
     }
 
@@ -106,9 +119,9 @@ impl SwiGlu {
     /// # Shapes
     /// - x: `[.., d]`, output: `[.., d]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate_tf = silu(project(x.clone(), &self.w_gate));
-        let up_tf = project(x, &self.w_up);
-        project(gate_tf.mul(up_tf), &self.w_down)
+        let gate_tf = silu(project_at(x.clone(), self.w_gate.val(), self.precision));
+        let up_tf = project_at(x, self.w_up.val(), self.precision);
+        project_at(gate_tf.mul(up_tf), self.w_down.val(), self.precision)
     }
 }
 
@@ -163,6 +176,8 @@ pub struct Attention {
     pub wo: Param<Tensor<2>>,
     n_heads: usize,
     n_kv_heads: usize,
+    #[module(skip)]
+    pub precision: Precision,
 }
 
 impl Attention {
@@ -175,6 +190,7 @@ impl Attention {
             wo: normal_weight(n_heads * head_dim, d, std, device),
             n_heads,
             n_kv_heads,
+            precision: Precision::F32,
         }
     }
 
@@ -184,16 +200,22 @@ impl Attention {
         let [b, t, d] = x_btd.dims();
         let c = d / self.n_heads;
         let heads = |x: Tensor<3>, h: usize| x.reshape([b, t, h, c]).swap_dims(1, 2);
-        let q_bhtc = rotary.apply(heads(project(x_btd.clone(), &self.wq), self.n_heads));
-        let k_bhtc = rotary.apply(heads(project(x_btd.clone(), &self.wk), self.n_kv_heads));
-        let v_bhtc = heads(project(x_btd, &self.wv), self.n_kv_heads);
+        let precision = self.precision;
+        let q_bhtc = rotary.apply(heads(project_at(x_btd.clone(), self.wq.val(), precision), self.n_heads));
+        let k_bhtc = rotary.apply(heads(project_at(x_btd.clone(), self.wk.val(), precision), self.n_kv_heads));
+        let v_bhtc = heads(project_at(x_btd, self.wv.val(), precision), self.n_kv_heads);
         let k_bhtc = self.repeat_kv(k_bhtc);
         let v_bhtc = self.repeat_kv(v_bhtc);
 
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        let out_bhtc = attention(q_bhtc, k_bhtc, v_bhtc, None, None, options);
+        let out_bhtc = match precision {
+            Precision::F32 => {
+                let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+                attention(q_bhtc, k_bhtc, v_bhtc, None, None, options)
+            }
+            Precision::Bf16 => bf16_attention(q_bhtc, k_bhtc, v_bhtc),
+        };
         let out_btd = out_bhtc.swap_dims(1, 2).reshape([b, t, d]);
-        project(out_btd, &self.wo)
+        project_at(out_btd, self.wo.val(), precision)
     }
 
     /// Repeats each key/value head for the query heads of its group.
@@ -207,13 +229,25 @@ impl Attention {
     }
 }
 
+/// Causal attention whose two products run in bfloat16 around a float32
+/// softmax; inputs and output are float32.
+pub(crate) fn bf16_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [_, _, t, c] = q.dims();
+    let bf16 = |x: Tensor<4>| x.cast(FloatDType::BF16);
+    let scores = bf16(q).matmul(bf16(k).swap_dims(2, 3)).cast(FloatDType::F32).div_scalar((c as f64).sqrt());
+    // `tril_mask` is true above the diagonal: the positions a query may not see.
+    let future = Tensor::<2, Bool>::tril_mask([t, t], 0, &scores.device());
+    let scores = scores.mask_fill(future.unsqueeze::<4>(), f32::NEG_INFINITY);
+    bf16(burn::tensor::activation::softmax(scores, 3)).matmul(bf16(v)).cast(FloatDType::F32)
+}
+
 /// Plain softmax attention with an explicit causal mask, the reference the
 /// fused `attention` call is tested against.
 #[cfg(test)]
 pub(crate) fn reference_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [_, _, t, c] = q.dims();
     let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((c as f64).sqrt());
-    let mask = Tensor::<2, burn::tensor::Bool>::tril_mask([t, t], 0, &scores.device());
+    let mask = Tensor::<2, Bool>::tril_mask([t, t], 0, &scores.device());
     let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
     burn::tensor::activation::softmax(scores, 3).matmul(v)
 }

@@ -12,7 +12,7 @@ pub mod moe;
 #[cfg(test)]
 mod tests;
 
-pub use config::{Aggregation, ConfigError, DagConfig, DagNorm, EdgeGate, ModelConfig, MoeConfig};
+pub use config::{Aggregation, ConfigError, DagConfig, DagNorm, EdgeGate, ModelConfig, MoeConfig, Precision};
 pub use device::{check_device_name, parse_device};
 pub use model::{DagMoeModel, ModelOutput, ParamCounts, RoutingStats, token_nll};
 pub use moe::Dispatch;

@@ -10,9 +10,9 @@
 use burn::module::{Module, Param};
 use burn::tensor::{Device, Distribution, Int, Tensor};
 
-use crate::config::{Aggregation, ConfigError, ModelConfig};
+use crate::config::{Aggregation, ConfigError, ModelConfig, Precision};
 use crate::dag::{DagLevel, MlpMix};
-use crate::layers::{Attention, RmsNorm, Rotary, SwiGlu, normal_weight, project, project_with};
+use crate::layers::{Attention, RmsNorm, Rotary, SwiGlu, normal_weight, project_at};
 use crate::moe::{Dispatch, MoeLayer};
 
 #[derive(Module, Debug)]
@@ -54,6 +54,8 @@ pub struct DagMoeModel {
     /// `[d, v]`; absent when the head is tied to the embedding.
     pub lm_head: Option<Param<Tensor<2>>>,
     rotary: Rotary,
+    #[module(skip)]
+    precision: Precision,
 }
 
 impl DagMoeModel {
@@ -82,7 +84,28 @@ impl DagMoeModel {
             final_norm: RmsNorm::new(d, eps, device),
             lm_head: (!config.tie_embeddings).then(|| normal_weight(d, config.vocab_size, std, device)),
             rotary: Rotary::new(config.head_dim(), max_len, config.rope_theta, device),
+            precision: Precision::F32,
         })
+    }
+
+    /// Returns the model with its matrix products computed at `precision`;
+    /// see [`Precision`]. A new model computes in float32.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        for block in &mut self.blocks {
+            block.attention.precision = precision;
+            if let Some(dense) = &mut block.dense {
+                dense.precision = precision;
+            }
+            if let Some(moe) = &mut block.moe {
+                moe.set_precision(precision);
+            }
+        }
+        self
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Maximum sequence length the rotary tables cover.
@@ -127,8 +150,8 @@ impl DagMoeModel {
         let moe_layers = routing.tokens_per_expert.len().max(1) as f64;
         let h_btd = self.final_norm.forward(h_btd);
         let logits_btv = match &self.lm_head {
-            Some(head) => project(h_btd, head),
-            None => project_with(h_btd, self.embedding.val().transpose()),
+            Some(head) => project_at(h_btd, head.val(), self.precision),
+            None => project_at(h_btd, self.embedding.val().transpose(), self.precision),
         };
         ModelOutput {
             logits_btv,

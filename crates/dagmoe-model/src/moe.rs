@@ -11,7 +11,7 @@ use burn::module::{Module, Param};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
-use crate::config::{Aggregation, DagConfig, MoeConfig};
+use crate::config::{Aggregation, DagConfig, MoeConfig, Precision};
 use crate::dag::{DagAggregation, MlpMix};
 use crate::layers::{SwiGlu, normal_weight, project};
 
@@ -81,6 +81,20 @@ impl MoeLayer {
 
     pub fn n_experts(&self) -> usize {
         self.experts.len()
+    }
+
+    /// Sets the precision of the experts' and the aggregation's products;
+    /// the router stays float32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        for expert in self.experts.iter_mut().chain(&mut self.shared_expert) {
+            expert.precision = precision;
+        }
+        for level in self.dag.iter_mut().flat_map(|dag| &mut dag.levels) {
+            level.precision = precision;
+        }
+        if let Some(mix) = &mut self.mlp_mix {
+            mix.precision = precision;
+        }
     }
 
     /// # Shapes

@@ -4,7 +4,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Distribution, Int, Tensor, TensorData, Tolerance};
 
-use crate::config::{Aggregation, DagConfig, DagNorm, EdgeGate, ModelConfig, MoeConfig};
+use crate::config::{Aggregation, DagConfig, DagNorm, EdgeGate, ModelConfig, MoeConfig, Precision};
 use crate::layers::reference_attention;
 use crate::model::{DagMoeModel, token_nll};
 use crate::moe::{Dispatch, MoeLayer};
@@ -246,6 +246,119 @@ fn attention_matches_masked_softmax_reference() {
         let options = burn::tensor::ops::AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
         let fused = burn::tensor::module::attention(q.clone(), k.clone(), v.clone(), None, None, options);
         assert_close(fused, reference_attention(q, k, v), "attention");
+    }
+}
+
+/// Norm of the difference over the norm of `expected`.
+fn relative_error<const D: usize>(actual: Tensor<D>, expected: Tensor<D>) -> f32 {
+    let norm = |x: Tensor<D>| x.square().sum().sqrt().into_scalar::<f32>();
+    norm(actual - expected.clone()) / norm(expected)
+}
+
+#[test]
+fn bf16_products_track_float32_in_value_and_gradient() {
+    for device in devices() {
+        for (aggregation, edge_gate) in variants() {
+            let mut config = tiny_config(aggregation, 2);
+            config.dag.edge_gate = edge_gate;
+            // Every expert is chosen, so bf16 rounding cannot move a token to
+            // another expert; the aggregations do not depend on slot order.
+            config.moe.top_k = config.moe.n_experts;
+            device.seed(11);
+            let model = DagMoeModel::new(&config, 16, &device).unwrap();
+            // A DAG starts with W_up = 0, which would hide its products.
+            let model = model.map(&mut Perturb { device: device.clone() });
+            let bf16_model = model.clone().with_precision(Precision::Bf16);
+            let ids: Vec<i64> = (0..34).map(|i| (i * i % 61) as i64).collect();
+            let batch = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 17]), &device);
+            let (inputs, targets) = (batch.clone().narrow(1, 0, 16), batch.narrow(1, 1, 16));
+
+            let f32_logits = model.forward(inputs.clone()).logits_btv;
+            let bf16_logits = bf16_model.forward(inputs).logits_btv;
+            assert_eq!(bf16_logits.dtype(), burn::tensor::DType::F32, "{aggregation:?}: logits leave the model in float32");
+            let error = relative_error(bf16_logits.clone(), f32_logits.clone());
+            // bfloat16 keeps 8 significant bits: a relative rounding of 2^-9 per operand.
+            assert!(error > 0.0 && error < 0.02, "{device:?} {aggregation:?} {edge_gate:?}: bf16 logits off by {error}");
+
+            let f32_grads = token_nll(f32_logits, targets.clone()).mean().backward();
+            let bf16_grads = token_nll(bf16_logits, targets).mean().backward();
+            let mut pairs = GradientAgreement {
+                f32: &f32_grads,
+                bf16: &bf16_grads,
+                squared_difference: 0.0,
+                squared_reference: 0.0,
+                worst: 0.0,
+                compared: 0,
+            };
+            model.visit(&mut pairs);
+            let case = format!("{device:?} {aggregation:?} {edge_gate:?}");
+            assert!(pairs.compared > 10, "{case}: only {} gradients compared", pairs.compared);
+            // One parameter's gradient may be a sum with much cancellation (the
+            // DAG's scalar edge bias), so single parameters get a looser bound.
+            assert!(pairs.overall() < 0.03, "{case}: bf16 gradients off by {} overall", pairs.overall());
+            assert!(pairs.worst < 0.25, "{case}: a bf16 gradient is off by {}", pairs.worst);
+        }
+    }
+}
+
+/// Adds noise to every float parameter so that no product is zero.
+struct Perturb {
+    device: Device,
+}
+
+impl burn::module::ModuleMapper for Perturb {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<D>>) -> burn::module::Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let noise = Tensor::<D>::random(tensor.shape(), Distribution::Normal(0.0, 0.05), &self.device);
+        let perturbed = Tensor::from_inner(tensor.inner() + noise.inner()).require_grad();
+        burn::module::Param::from_mapped_value(id, perturbed, mapper)
+    }
+}
+
+/// Compares the float32 and bf16 gradients of every parameter and checks
+/// that the bf16 ones are float32.
+struct GradientAgreement<'a> {
+    f32: &'a burn::tensor::Gradients,
+    bf16: &'a burn::tensor::Gradients,
+    /// Sums over all parameters of the squared difference and the squared float32 gradient.
+    squared_difference: f32,
+    squared_reference: f32,
+    /// Largest relative error of one parameter's gradient.
+    worst: f32,
+    compared: usize,
+}
+
+impl GradientAgreement<'_> {
+    fn overall(&self) -> f32 {
+        (self.squared_difference / self.squared_reference).sqrt()
+    }
+}
+
+impl burn::module::ModuleVisitor for GradientAgreement<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let value = param.val();
+        let (Some(f32), Some(bf16)) = (value.grad(self.f32), value.grad(self.bf16)) else { return };
+        assert_eq!(bf16.dtype(), burn::tensor::DType::F32, "gradients of float32 weights are float32");
+        let squared = |x: Tensor<D>| x.square().sum().into_scalar::<f32>();
+        let difference = squared(bf16 - f32.clone());
+        let reference = squared(f32);
+        self.squared_difference += difference;
+        self.squared_reference += reference;
+        self.worst = self.worst.max((difference / reference).sqrt());
+        self.compared += 1;
+    }
+}
+
+#[test]
+fn bf16_attention_is_causal_and_close_to_float32() {
+    for device in devices() {
+        let q = Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &device);
+        let k = Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &device);
+        let v = Tensor::<4>::random([2, 3, 7, 6], Distribution::Normal(0.0, 1.0), &device);
+        let expected = reference_attention(q.clone(), k.clone(), v.clone());
+        let actual = crate::layers::bf16_attention(q, k, v);
+        let error = relative_error(actual, expected);
+        assert!(error < 0.03, "bf16 attention off by {error}");
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use dagmoe_data::{PrepareOptions, PrepareSummary, TextTokenizer};
 use dagmoe_data::sources::SourceOptions;
-use dagmoe_model::{ParamCounts, parse_device};
+use dagmoe_model::{ParamCounts, Precision, parse_device};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -128,6 +128,8 @@ pub struct EvalOptions {
     pub eval_tokens: Option<u64>,
     /// Device override; `None` uses the checkpoint's `train.device`.
     pub device: Option<String>,
+    /// Precision override; `None` uses the checkpoint's `train.precision`.
+    pub precision: Option<Precision>,
     /// Window stride for sliding evaluation; `None` uses non-overlapping windows.
     pub stride: Option<usize>,
     /// Sequences per batch; `None` uses the checkpoint's `train.eval_batch_size`.
@@ -143,7 +145,8 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
     set_threads(config.train.threads);
     let device_name = options.device.clone().unwrap_or_else(|| config.train.device.clone());
     let device = parse_device(&device_name).map_err(Error::Usage)?.autodiff();
-    let model = checkpoint.load_model(&device)?.valid();
+    let precision = options.precision.unwrap_or(config.train.precision);
+    let model = checkpoint.load_model(&device)?.with_precision(precision).valid();
     let device = device.inner();
 
     let identity = DataIdentity {
@@ -244,8 +247,9 @@ pub fn run_generate(checkpoint_dir: &Path, prompt: &str, options: &SamplingOptio
     let checkpoint = Checkpoint::open(checkpoint_dir)?;
     let config = &checkpoint.config;
     set_threads(config.train.threads);
-    let device = parse_device(device.unwrap_or(&config.train.device)).map_err(Error::Usage)?.autodiff();
-    let model = checkpoint.load_model(&device)?.valid();
+    let device_name = device.unwrap_or(&config.train.device);
+    let device = parse_device(device_name).map_err(Error::Usage)?.autodiff();
+    let model = checkpoint.load_model(&device)?.with_precision(config.train.precision).valid();
     let tokenizer = checkpoint_tokenizer(&checkpoint)?;
     generate(&model, &tokenizer, prompt, options, &device.inner())
 }

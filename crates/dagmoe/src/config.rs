@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use dagmoe_model::ModelConfig;
+use dagmoe_model::{ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -120,6 +120,10 @@ pub struct TrainConfig {
     /// "cpu" (libtorch), "cuda:N" or "flex".
     #[serde(default = "default_device")]
     pub device: String,
+    /// Number format of the matrix products: "f32" (default) or "bf16",
+    /// which keeps float32 weights, router, norms and losses.
+    #[serde(default)]
+    pub precision: Precision,
     /// Compute threads; 0 uses every core.
     #[serde(default)]
     pub threads: usize,

@@ -13,6 +13,7 @@ use dagmoe::eval::{format_table, format_task_table};
 use dagmoe::train::install_interrupt_handler;
 use dagmoe::{Error, Result, Start};
 use dagmoe_data::PrepareOptions;
+use dagmoe_model::Precision;
 use dagmoe_data::sources::{BadRecordPolicy, Format, SourceOptions};
 
 #[derive(Parser)]
@@ -74,6 +75,9 @@ enum Command {
         /// Device to evaluate on; defaults to the checkpoint's train.device.
         #[arg(long)]
         device: Option<String>,
+        /// Number format of the matrix products, f32 or bf16; defaults to the checkpoint's train.precision.
+        #[arg(long)]
+        precision: Option<Precision>,
         /// Slide windows by this many tokens so each scored token has more context; defaults to seq_len (no overlap).
         #[arg(long)]
         stride: Option<usize>,
@@ -350,7 +354,7 @@ fn run(cli: Cli) -> Result<()> {
             line.as_object_mut().expect("an object").extend(fields.as_object().expect("an object").clone());
             println!("{line}");
         }
-        Command::Eval { checkpoints, sets, tasks, eval_tokens, device, stride, batch_size, output } => {
+        Command::Eval { checkpoints, sets, tasks, eval_tokens, device, precision, stride, batch_size, output } => {
             let sets = parse_named_paths("--data", &sets)?;
             let tasks = parse_named_paths("--task", &tasks)?;
             let mut reports = Vec::new();
@@ -365,6 +369,7 @@ fn run(cli: Cli) -> Result<()> {
                     sets: sets.clone(),
                     eval_tokens,
                     device: device.clone(),
+                    precision,
                     stride,
                     batch_size,
                     tasks: tasks.clone(),

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use dagmoe_data::{Batch, BatchProducer, Prefetcher, TextTokenizer};
-use dagmoe_model::{DagMoeModel, ParamCounts, token_nll};
+use dagmoe_model::{DagMoeModel, ParamCounts, Precision, token_nll};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
@@ -116,6 +116,8 @@ pub fn train(config: RunConfig, start: Start) -> Result<RunSummary> {
 /// Step times of a short training run, from [`bench_training`].
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
+    /// Number format of the matrix products.
+    pub precision: Precision,
     /// Training steps timed, after the untimed warm-up steps.
     pub steps: u64,
     /// Target tokens per optimizer step.
@@ -152,6 +154,7 @@ pub fn bench_training(mut config: RunConfig, warmup: u64, steps: u64) -> Result<
     config.train.out_dir = scratch.clone();
     config.train.steps = warmup + steps;
     config.train.warmup_steps = config.train.warmup_steps.min(config.train.steps);
+    let precision = config.train.precision;
     let result = Trainer::new(config, Start::Scratch).and_then(|mut trainer| {
         let mut step_seconds = Vec::with_capacity(steps as usize);
         let mut data_wait = Duration::ZERO;
@@ -172,6 +175,7 @@ pub fn bench_training(mut config: RunConfig, warmup: u64, steps: u64) -> Result<
         let middle = sorted.len() / 2;
         let median = if sorted.len() % 2 == 1 { sorted[middle] } else { (sorted[middle - 1] + sorted[middle]) / 2.0 };
         Ok(BenchReport {
+            precision,
             steps,
             tokens_per_step,
             data_wait_fraction: data_wait.as_secs_f64() / step_seconds.iter().sum::<f64>(),
@@ -381,6 +385,7 @@ impl Trainer {
             }
             _ => DagMoeModel::new(&config.model, config.data.seq_len, &device).map_err(|e| Error::Config(e.to_string()))?,
         };
+        let model = model.with_precision(config.train.precision);
         let init_from = match &start {
             Start::Weights(dir) => Some(dir.clone()),
             _ => None,

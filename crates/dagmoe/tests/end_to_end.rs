@@ -11,6 +11,7 @@ use dagmoe::checkpoint::{Checkpoint, list_checkpoints};
 use dagmoe::commands::{self, EvalOptions};
 use dagmoe::{Error, Start, load_config, train};
 use dagmoe_data::PrepareOptions;
+use dagmoe_model::Precision;
 
 #[test]
 fn prepare_splits_documents_and_counts_tokens() {
@@ -39,6 +40,42 @@ fn pretrain_both_aggregations_reduce_loss() {
 }
 
 #[test]
+fn bf16_training_tracks_float32() {
+    let fixture = Fixture::new();
+    let mut runs = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let overrides = [&format!("train.precision={precision:?}") as &str, "train.steps=30", "train.log_every=1"];
+        let summary = train(fixture.config("tiny-dagmoe", precision, &overrides), Start::Scratch).unwrap();
+        runs.push((logged_losses(&summary.run_dir), summary));
+    }
+    let (f32_losses, _) = &runs[0];
+    let (bf16_losses, bf16_run) = &runs[1];
+    let mean = |losses: &[f64]| losses.iter().sum::<f64>() / losses.len() as f64;
+    let (f32_last, bf16_last) = (mean(&f32_losses[27..]), mean(&bf16_losses[27..]));
+    assert!(bf16_last < mean(&bf16_losses[..3]) - 0.2, "bf16 loss went from {} to {bf16_last}", mean(&bf16_losses[..3]));
+    assert!((bf16_last - f32_last).abs() < 0.03 * f32_last, "after 30 steps bf16 loss {bf16_last}, f32 loss {f32_last}");
+    assert_ne!(bf16_losses, f32_losses, "train.precision changed nothing");
+
+    // The checkpoint evaluates at its training precision unless told otherwise.
+    let options = |precision| EvalOptions {
+        checkpoint: bf16_run.checkpoint.clone(),
+        sets: Vec::new(),
+        eval_tokens: None,
+        device: None,
+        precision,
+        stride: None,
+        batch_size: None,
+        tasks: Vec::new(),
+    };
+    let during = &bf16_run.eval[0];
+    let same = &commands::run_eval(&options(None)).unwrap().results[0];
+    assert!((same.nll - during.nll).abs() < 1e-4 * during.nll, "{} vs {}", same.nll, during.nll);
+    let in_f32 = &commands::run_eval(&options(Some(Precision::F32))).unwrap().results[0];
+    assert_ne!(in_f32.nll, during.nll);
+    assert!((in_f32.nll - during.nll).abs() < 0.01 * during.nll, "f32 {} vs bf16 {}", in_f32.nll, during.nll);
+}
+
+#[test]
 fn checkpoint_reloads_to_the_same_perplexity() {
     let fixture = Fixture::new();
     let config = fixture.config("tiny-dagmoe", "run", &[]);
@@ -57,6 +94,7 @@ fn checkpoint_reloads_to_the_same_perplexity() {
         sets: Vec::new(),
         eval_tokens: None,
         device: None,
+        precision: None,
         stride: None,
         batch_size: None,
         tasks: Vec::new(),
@@ -79,6 +117,7 @@ fn eval_on_flex_matches_libtorch() {
             sets: Vec::new(),
             eval_tokens: Some(512),
             device: Some(device.into()),
+            precision: None,
             stride: None,
             batch_size: None,
             tasks: Vec::new(),
@@ -243,6 +282,7 @@ fn eval_is_invariant_to_batching() {
             sets: Vec::new(),
             eval_tokens: Some(1000),
             device: None,
+            precision: None,
             stride,
             batch_size: Some(batch_size),
             tasks: Vec::new(),
@@ -297,6 +337,7 @@ fn cloze_task_is_seeded_and_scored() {
         sets: Vec::new(),
         eval_tokens: None,
         device: None,
+        precision: None,
         stride: None,
         batch_size: None,
         tasks: vec![("cloze".into(), task_file.clone())],
