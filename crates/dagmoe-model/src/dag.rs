@@ -83,28 +83,30 @@ impl DagLevel {
         let u_tkg = project_at(normed_tkd, self.w_down.val(), precision);
         let [_, g] = self.w_down.dims();
         let [_, edge_width] = self.w_edge.dims();
-        let w_edge = self.w_edge.val();
-        let w_node = self.w_node.val();
-        let receiver_tkg = project_at(u_tkg.clone(), w_node.clone().narrow(0, 0, g), precision);
-        let sender_tkg = project_at(u_tkg.clone(), w_node.narrow(0, g, g), precision);
+
+        // The receiver and sender halves of W_node and W_edge side by side, so
+        // one product gives all four projections of u.
+        let (w_node, w_edge) = (self.w_node.val(), self.w_edge.val());
+        let halves = vec![w_node.clone().narrow(0, 0, g), w_node.narrow(0, g, g), w_edge.clone().narrow(0, 0, g), w_edge.narrow(0, g, g)];
+        let projected_tkc = project_at(u_tkg, Tensor::cat(halves, 1), precision);
+        let receiver_tkg = projected_tkc.clone().narrow(2, 0, g);
+        let sender_tkg = projected_tkc.clone().narrow(2, g, g);
+        let receiver_edge = projected_tkc.clone().narrow(2, 2 * g, edge_width);
+        let sender_edge = projected_tkc.narrow(2, 2 * g + edge_width, edge_width);
 
         // NOTE: every ordered pair is an edge, i == j included, because the
         // specification's pair set is "all ordered pairs (i, j)".
         let (message_tkg, edge_tkk) = if edge_width == 1 {
             // Scalar edges e[t, i, j] = sigmoid(u_i W_a + u_j W_b + b); the messages
             // sum_j e_ij (u_i N_a + u_j N_b) = (u_i N_a) sum_j e_ij + sum_j e_ij (u_j N_b).
-            let receiver_tk1 = project_at(u_tkg.clone(), w_edge.clone().narrow(0, 0, g), precision);
-            let sender_tk1 = project_at(u_tkg, w_edge.narrow(0, g, g), precision);
-            let edge_tkk = sigmoid(receiver_tk1 + sender_tk1.swap_dims(1, 2) + self.b_edge.val().unsqueeze());
+            let edge_tkk = sigmoid(receiver_edge + sender_edge.swap_dims(1, 2) + self.b_edge.val().unsqueeze());
             let message_tkg = receiver_tkg * edge_tkk.clone().sum_dim(2) + edge_tkk.clone().matmul(sender_tkg);
             (message_tkg, edge_tkk)
         } else {
             // Vector edges gate each channel, so the [t, k, k, g] gate tensor is
             // built (g wide, not the 2g of the concatenated pairs).
-            let receiver_tkg_edge = project_at(u_tkg.clone(), w_edge.clone().narrow(0, 0, g), precision);
-            let sender_tkg_edge = project_at(u_tkg, w_edge.narrow(0, g, g), precision);
             let edge_tkkg = sigmoid(
-                receiver_tkg_edge.unsqueeze_dim::<4>(2) + sender_tkg_edge.unsqueeze_dim::<4>(1) + self.b_edge.val().unsqueeze(),
+                receiver_edge.unsqueeze_dim::<4>(2) + sender_edge.unsqueeze_dim::<4>(1) + self.b_edge.val().unsqueeze(),
             );
             let receiver_part = receiver_tkg * edge_tkkg.clone().sum_dim(2).squeeze_dim::<3>(2);
             let sender_part = (edge_tkkg.clone() * sender_tkg.unsqueeze_dim::<4>(1)).sum_dim(2).squeeze_dim::<3>(2);

@@ -231,6 +231,10 @@ impl Attention {
 
 /// Causal attention whose two products run in bfloat16 around a float32
 /// softmax; inputs and output are float32.
+///
+/// NOTE: composed of separate kernels, so autodiff keeps the `[b, h, t, t]`
+/// scores and probabilities for the backward pass, where a fused
+/// flash-attention kernel keeps O(t) state per row.
 pub(crate) fn bf16_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [_, _, t, c] = q.dims();
     let bf16 = |x: Tensor<4>| x.cast(FloatDType::BF16);
