@@ -41,9 +41,9 @@ pub enum DagNorm {
 ///
 /// Weights, gradients and optimizer state stay float32 in both cases. With
 /// `Bf16` each projection (attention, experts, DAG, LM head) rounds its
-/// input and weight to bfloat16 and returns float32, the scores and context
-/// products of attention do the same around a float32 softmax, and the
-/// router, norms, residual stream and losses stay float32: the split that
+/// input and weight to bfloat16 and returns float32. The scores and context
+/// products of attention do the same around a float32 softmax. The router,
+/// norms, residual stream and losses stay float32, the split that
 /// `torch.autocast` makes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -54,7 +54,7 @@ pub enum Precision {
 }
 
 impl Precision {
-    /// The config value naming this precision.
+    /// Returns the config value that names this precision.
     pub fn name(self) -> &'static str {
         match self {
             Self::F32 => "f32",

@@ -56,7 +56,7 @@ fn bf16_training_tracks_float32() {
     assert!((bf16_last - f32_last).abs() < 0.03 * f32_last, "after 30 steps bf16 loss {bf16_last}, f32 loss {f32_last}");
     assert_ne!(bf16_losses, f32_losses, "train.precision changed nothing");
 
-    // The checkpoint evaluates at its training precision unless told otherwise.
+    // The checkpoint evaluates at its training precision unless --precision overrides it.
     let options = |precision| EvalOptions {
         checkpoint: bf16_run.checkpoint.clone(),
         sets: Vec::new(),
