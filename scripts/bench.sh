@@ -22,7 +22,13 @@ cd "$DAGMOE_ROOT"
 
 rounds=${1:-2}
 steps=${2:-10}
-precision=${3:-f32}
+precision=${3-f32}
+for count in "$rounds" "$steps"; do
+    if [[ ! $count =~ ^[1-9][0-9]*$ ]]; then
+        echo "bench: ROUNDS and STEPS must be positive integers, got '$count'; see the usage line in $0" >&2
+        exit 2
+    fi
+done
 case $precision in
     f32) torch_dtype=float32 ;;
     bf16) torch_dtype=bfloat16 ;;

@@ -37,9 +37,15 @@ pub fn parse_device(name: &str) -> Result<Device, String> {
 fn cuda_device(name: &str, index: &str) -> Result<Device, String> {
     let index: usize = index.parse().map_err(|_| format!("invalid device {name:?}; write the GPU index as in \"cuda:0\""))?;
     let available = tch::Cuda::device_count() as usize;
+    if available == 0 {
+        return Err(format!(
+            "device {name:?} is not available: libtorch sees no CUDA device (no GPU here, or a libtorch build without CUDA); use the \"cpu\" device"
+        ));
+    }
     if index >= available {
         return Err(format!(
-            "device {name:?} is not available: libtorch sees {available} CUDA device(s); use train.device = \"cpu\" or a valid index"
+            "device {name:?} is not available: libtorch sees {available} CUDA devices; use an index from 0 to {}",
+            available - 1
         ));
     }
     #[allow(deprecated)]

@@ -115,6 +115,8 @@ pub fn finetune_config(from: &Path, file: &Path, overrides: &[String]) -> Result
 pub struct EvalReport {
     pub checkpoint: PathBuf,
     pub step: u64,
+    /// Number format of the matrix products the scores were computed in.
+    pub precision: Precision,
     pub results: Vec<EvalResult>,
     pub tasks: Vec<TaskResult>,
 }
@@ -205,7 +207,7 @@ pub fn run_eval(options: &EvalOptions) -> Result<EvalReport> {
             task_results.push(score_task(name, &load_task(path)?, &model, &tokenizer, &device)?);
         }
     }
-    Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, results, tasks: task_results })
+    Ok(EvalReport { checkpoint: checkpoint.dir.clone(), step: checkpoint.state.step, precision, results, tasks: task_results })
 }
 
 /// Loads the tokenizer a checkpoint was trained with, checking its hash.

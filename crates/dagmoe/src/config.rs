@@ -201,7 +201,7 @@ fn first_line(message: &str) -> &str {
 
 /// Turns a deserialization error into one line naming the key path and the fix.
 fn describe_error(error: &serde_path_to_error::Error<toml::de::Error>, origin: &str) -> Error {
-    let message = first_line(error.inner().message());
+    let message = plain_enum_message(first_line(error.inner().message()));
     let path = error.path().to_string();
     let location = if path == "." { String::new() } else { format!(" at {path}") };
     let fix = if message.starts_with("unknown field") {
@@ -212,6 +212,18 @@ fn describe_error(error: &serde_path_to_error::Error<toml::de::Error>, origin: &
         "correct the value"
     };
     Error::Config(format!("{origin}{location}: {message}; {fix}"))
+}
+
+/// Rewords serde's messages about enum values (`precision`, `schedule`,
+/// `aggregation` and the like), which speak of variants and tables.
+fn plain_enum_message(message: &str) -> String {
+    if let Some((value, expected)) = message.strip_prefix("unknown variant `").and_then(|rest| rest.split_once("`, expected ")) {
+        return format!("invalid value {value:?}, expected {expected}");
+    }
+    if message == "wanted string or table" {
+        return "invalid value, expected a quoted string".into();
+    }
+    message.to_string()
 }
 
 fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
@@ -385,6 +397,18 @@ mod tests {
         let text: String = TINY.lines().filter(|line| !line.starts_with("seq_len")).map(|l| format!("{l}\n")).collect();
         let message = error_of(&text, &[]);
         assert!(message.contains("missing field `seq_len`"), "{message}");
+    }
+
+    #[test]
+    fn precision_parses_and_bad_values_name_the_choices() {
+        assert_eq!(parse_config(TINY, "tiny", &[]).unwrap().train.precision, Precision::F32);
+        let config = parse_config(TINY, "tiny", &["train.precision=bf16".into()]).unwrap();
+        assert_eq!(config.train.precision, Precision::Bf16);
+
+        let message = error_of(TINY, &["train.precision=fp16"]);
+        assert!(message.contains("at train.precision: invalid value \"fp16\", expected `f32` or `bf16`"), "{message}");
+        let message = error_of(TINY, &["train.precision=16"]);
+        assert!(message.contains("at train.precision: invalid value, expected a quoted string"), "{message}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 use dagmoe::commands::{self, EvalOptions};
 use dagmoe::eval::{format_table, format_task_table};
@@ -75,8 +76,8 @@ enum Command {
         /// Device to evaluate on; defaults to the checkpoint's train.device.
         #[arg(long)]
         device: Option<String>,
-        /// Number format of the matrix products, f32 or bf16; defaults to the checkpoint's train.precision.
-        #[arg(long)]
+        /// Number format of the matrix products; defaults to the checkpoint's train.precision.
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["f32", "bf16"]).map(|name| name.parse::<Precision>().expect("a listed precision parses")))]
         precision: Option<Precision>,
         /// Slide windows by this many tokens so each scored token has more context; defaults to seq_len (no overlap).
         #[arg(long)]
@@ -89,7 +90,7 @@ enum Command {
         #[arg(long)]
         output: Option<PathBuf>,
     },
-    /// Generate text from a checkpoint, for sanity checks.
+    /// Generate text from a checkpoint, for sanity checks, at the checkpoint's train.precision.
     Generate {
         /// Checkpoint directory.
         #[arg(long)]
@@ -295,14 +296,22 @@ fn main() -> ExitCode {
         }
         Err(error) => {
             let rendered = error.to_string();
-            let first = rendered.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            let mut lines = rendered.lines().map(str::trim).filter(|line| !line.is_empty());
+            let mut first = lines.next().unwrap_or_default().trim_start_matches("error: ").to_string();
+            // "the following required arguments were not provided:" lists them on the next lines.
+            if first.ends_with(':') {
+                let listed: Vec<&str> = lines.take_while(|line| line.starts_with('-') || line.starts_with('<')).collect();
+                first = format!("{} {}", first, listed.join(", "));
+            }
             // An unquoted glob reaches clap as several paths after one --input.
             let hint = if error.kind() == clap::error::ErrorKind::UnknownArgument && !first.contains("'-") {
                 "; quote a glob pattern (--input 'dir/*.txt') or repeat --input for each path"
             } else {
                 ""
             };
-            eprintln!("dagmoe: {first}{hint}; run `dagmoe --help` for usage");
+            let possible = rendered.lines().map(str::trim).find(|line| line.starts_with("[possible values:"));
+            let possible = possible.map(|line| format!(" {line}")).unwrap_or_default();
+            eprintln!("dagmoe: {first}{possible}{hint}; run `{} --help` for usage", subcommand_path());
             return ExitCode::from(2);
         }
     };
@@ -319,6 +328,19 @@ fn main() -> ExitCode {
             ExitCode::from(error.exit_code() as u8)
         }
     }
+}
+
+/// Returns the subcommand named on the command line, such as "dagmoe data
+/// prepare", so an error can point to that subcommand's help.
+fn subcommand_path() -> String {
+    let mut command = <Cli as clap::CommandFactory>::command();
+    let mut path = vec!["dagmoe".to_string()];
+    for arg in std::env::args().skip(1) {
+        let Some(subcommand) = command.find_subcommand(&arg).cloned() else { break };
+        path.push(arg);
+        command = subcommand;
+    }
+    path.join(" ")
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -375,7 +397,7 @@ fn run(cli: Cli) -> Result<()> {
                     tasks: tasks.clone(),
                 };
                 let report = commands::run_eval(&options)?;
-                println!("{}", report.checkpoint.display());
+                println!("{} ({})", report.checkpoint.display(), report.precision.name());
                 if !report.results.is_empty() {
                     print!("{}", format_table(&report.results));
                 }
@@ -387,6 +409,11 @@ fn run(cli: Cli) -> Result<()> {
             }
             if reports.len() > 1 {
                 print!("{}", commands::comparison_table(&reports));
+                if reports.iter().any(|report| report.precision != reports[0].precision) {
+                    eprintln!(
+                        "note: the checkpoints were scored at their own training precisions, which differ; pass --precision to compare them at one"
+                    );
+                }
             }
             match (&output, reports.as_slice()) {
                 (Some(path), [report]) => write_json(path, report)?,

@@ -301,7 +301,8 @@ impl Trainer {
         device.seed(config.train.seed);
 
         let tokenizer = TextTokenizer::load(&config.data.tokenizer).map_err(|e| {
-            Error::Config(format!("data.tokenizer: {}; run `dagmoe data tokenizer` or fix the path", Error::with_causes(&e)))
+            // The tokenizer's own errors already name the fix.
+            Error::Config(format!("data.tokenizer: {}", Error::with_causes(&e)))
         })?;
         if tokenizer.vocab_size() != config.model.vocab_size {
             return Err(Error::Config(format!(
@@ -420,6 +421,8 @@ impl Trainer {
             params = counts.total,
             active_params = counts.active_per_token,
             sequences_per_epoch = self.sequences_per_epoch,
+            device = %train.device,
+            precision = train.precision.name(),
             "training started"
         );
 
