@@ -85,8 +85,8 @@ enum Command {
         /// Sequences per batch; defaults to the checkpoint's train.eval_batch_size.
         #[arg(long)]
         batch_size: Option<usize>,
-        /// JSON report path; defaults to <checkpoint>/eval.json for one checkpoint.
-        /// With several checkpoints each gets its own eval.json, and this path gets all reports.
+        /// Extra JSON report path. Each checkpoint always gets <checkpoint>/eval.json;
+        /// this path gets a copy of the report, or all reports for several checkpoints.
         #[arg(long)]
         output: Option<PathBuf>,
     },
