@@ -54,6 +54,9 @@ pub enum Precision {
 }
 
 impl Precision {
+    /// Every precision, in the order help text lists them.
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+
     /// Returns the config value that names this precision.
     pub fn name(self) -> &'static str {
         match self {
@@ -67,11 +70,10 @@ impl std::str::FromStr for Precision {
     type Err = String;
 
     fn from_str(name: &str) -> Result<Self, String> {
-        match name {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            _ => Err(format!("unknown precision {name:?}; use \"f32\" or \"bf16\"")),
-        }
+        Self::ALL
+            .into_iter()
+            .find(|precision| precision.name() == name)
+            .ok_or_else(|| format!("unknown precision {name:?}; use \"f32\" or \"bf16\""))
     }
 }
 

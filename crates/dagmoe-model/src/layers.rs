@@ -229,8 +229,8 @@ impl Attention {
     }
 }
 
-/// Causal attention whose two products run in bfloat16 around a float32
-/// softmax; inputs and output are float32.
+/// Computes causal attention with its two products in bfloat16 around a
+/// float32 softmax. Inputs and output are float32.
 ///
 /// NOTE: composed of separate kernels, so autodiff keeps the `[b, h, t, t]`
 /// scores and probabilities for the backward pass, where a fused

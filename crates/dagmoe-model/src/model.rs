@@ -88,8 +88,8 @@ impl DagMoeModel {
         })
     }
 
-    /// Returns the model with its matrix products computed at `precision`;
-    /// see [`Precision`]. A new model computes in float32.
+    /// Returns the model with its matrix products computed at `precision`
+    /// (see [`Precision`]). A new model computes in float32.
     pub fn with_precision(mut self, precision: Precision) -> Self {
         self.precision = precision;
         for block in &mut self.blocks {
@@ -102,10 +102,6 @@ impl DagMoeModel {
             }
         }
         self
-    }
-
-    pub fn precision(&self) -> Precision {
-        self.precision
     }
 
     /// Maximum sequence length the rotary tables cover.

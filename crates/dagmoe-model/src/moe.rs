@@ -83,8 +83,8 @@ impl MoeLayer {
         self.experts.len()
     }
 
-    /// Sets the precision of the experts' and the aggregation's products;
-    /// the router stays float32.
+    /// Sets the precision of the experts' and the aggregation's products.
+    /// The router stays float32.
     pub fn set_precision(&mut self, precision: Precision) {
         for expert in self.experts.iter_mut().chain(&mut self.shared_expert) {
             expert.precision = precision;

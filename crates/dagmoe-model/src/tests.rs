@@ -249,6 +249,13 @@ fn attention_matches_masked_softmax_reference() {
     }
 }
 
+/// Returns a fixed `[2, 16]` batch of inputs and their next-token targets.
+fn next_token_batch(device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let ids: Vec<i64> = (0..34).map(|i| (i * i % 61) as i64).collect();
+    let batch = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 17]), device);
+    (batch.clone().narrow(1, 0, 16), batch.narrow(1, 1, 16))
+}
+
 /// Norm of the difference over the norm of `expected`.
 fn relative_error<const D: usize>(actual: Tensor<D>, expected: Tensor<D>) -> f32 {
     let norm = |x: Tensor<D>| x.square().sum().sqrt().into_scalar::<f32>();
@@ -259,27 +266,26 @@ fn relative_error<const D: usize>(actual: Tensor<D>, expected: Tensor<D>) -> f32
 fn bf16_tracks_float32_logits_and_gradients() {
     for device in devices() {
         for (aggregation, edge_gate) in variants() {
+            let case = format!("{device:?} {aggregation:?} {edge_gate:?}");
             let mut config = tiny_config(aggregation, 2);
             config.dag.edge_gate = edge_gate;
             // Every expert is chosen, so bf16 rounding cannot move a token to
-            // another expert; the aggregations do not depend on slot order.
+            // another expert, and the aggregations do not depend on slot order.
             config.moe.top_k = config.moe.n_experts;
             device.seed(11);
             let model = DagMoeModel::new(&config, 16, &device).unwrap();
             // A DAG starts with W_up = 0, which would hide its products.
             let model = model.map(&mut Perturb { device: device.clone() });
             let bf16_model = model.clone().with_precision(Precision::Bf16);
-            let ids: Vec<i64> = (0..34).map(|i| (i * i % 61) as i64).collect();
-            let batch = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 17]), &device);
-            let (inputs, targets) = (batch.clone().narrow(1, 0, 16), batch.narrow(1, 1, 16));
+            let (inputs, targets) = next_token_batch(&device);
 
             let f32_logits = model.forward(inputs.clone()).logits_btv;
             let bf16_logits = bf16_model.forward(inputs).logits_btv;
-            assert_eq!(bf16_logits.dtype(), burn::tensor::DType::F32, "{aggregation:?}: logits leave the model in float32");
+            assert_eq!(bf16_logits.dtype(), burn::tensor::DType::F32, "{case}: logits leave the model in float32");
             let error = relative_error(bf16_logits.clone(), f32_logits.clone());
             // bfloat16 keeps 8 significant bits: a relative rounding of 2^-9 per operand.
-            assert!(error > 0.0, "{device:?} {aggregation:?} {edge_gate:?}: bf16 logits equal float32 ones");
-            assert!(error < 0.02, "{device:?} {aggregation:?} {edge_gate:?}: bf16 logits off by {error}");
+            assert!(error > 0.0, "{case}: bf16 logits equal float32 ones");
+            assert!(error < 0.02, "{case}: bf16 logits off by {error}");
 
             let f32_grads = token_nll(f32_logits, targets.clone()).mean().backward();
             let bf16_grads = token_nll(bf16_logits, targets).mean().backward();
@@ -292,7 +298,6 @@ fn bf16_tracks_float32_logits_and_gradients() {
                 compared: 0,
             };
             model.visit(&mut pairs);
-            let case = format!("{device:?} {aggregation:?} {edge_gate:?}");
             assert!(pairs.compared > 10, "{case}: only {} gradients compared", pairs.compared);
             // One parameter's gradient may be a sum with much cancellation (the
             // DAG's scalar edge bias), so single parameters get a looser bound.
@@ -389,10 +394,7 @@ fn training_steps_reduce_the_loss() {
             config.dag.edge_gate = edge_gate;
             device.seed(7);
             let mut model = DagMoeModel::new(&config, 16, &device).unwrap();
-            let ids: Vec<i64> = (0..34).map(|i| (i * i % 61) as i64).collect();
-            let batch = Tensor::<2, Int>::from_data(TensorData::new(ids, [2, 17]), &device);
-            let inputs = batch.clone().narrow(1, 0, 16);
-            let targets = batch.narrow(1, 1, 16);
+            let (inputs, targets) = next_token_batch(&device);
             let mut losses = Vec::new();
             for _ in 0..12 {
                 let loss = token_nll(model.forward(inputs.clone()).logits_btv, targets.clone()).mean();

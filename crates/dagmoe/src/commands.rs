@@ -249,8 +249,7 @@ pub fn run_generate(checkpoint_dir: &Path, prompt: &str, options: &SamplingOptio
     let checkpoint = Checkpoint::open(checkpoint_dir)?;
     let config = &checkpoint.config;
     set_threads(config.train.threads);
-    let device_name = device.unwrap_or(&config.train.device);
-    let device = parse_device(device_name).map_err(Error::Usage)?.autodiff();
+    let device = parse_device(device.unwrap_or(&config.train.device)).map_err(Error::Usage)?.autodiff();
     let model = checkpoint.load_model(&device)?.with_precision(config.train.precision).valid();
     let tokenizer = checkpoint_tokenizer(&checkpoint)?;
     generate(&model, &tokenizer, prompt, options, &device.inner())

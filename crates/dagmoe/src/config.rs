@@ -402,8 +402,11 @@ mod tests {
     #[test]
     fn precision_parses_and_bad_values_name_the_choices() {
         assert_eq!(parse_config(TINY, "tiny", &[]).unwrap().train.precision, Precision::F32);
-        let config = parse_config(TINY, "tiny", &["train.precision=bf16".into()]).unwrap();
-        assert_eq!(config.train.precision, Precision::Bf16);
+        for precision in Precision::ALL {
+            let config = parse_config(TINY, "tiny", &[format!("train.precision={}", precision.name())]).unwrap();
+            assert_eq!(config.train.precision, precision, "config value {:?}", precision.name());
+            assert_eq!(precision.name().parse::<Precision>(), Ok(precision), "--precision {}", precision.name());
+        }
 
         let message = error_of(TINY, &["train.precision=fp16"]);
         assert!(message.contains("at train.precision: invalid value \"fp16\", expected `f32` or `bf16`"), "{message}");

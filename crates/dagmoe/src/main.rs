@@ -77,7 +77,7 @@ enum Command {
         #[arg(long)]
         device: Option<String>,
         /// Number format of the matrix products; defaults to the checkpoint's train.precision.
-        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(["f32", "bf16"]).map(|name| name.parse::<Precision>().expect("a listed precision parses")))]
+        #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(Precision::ALL.map(Precision::name)).map(|name| name.parse::<Precision>().expect("a listed precision parses")))]
         precision: Option<Precision>,
         /// Slide windows by this many tokens so each scored token has more context; defaults to seq_len (no overlap).
         #[arg(long)]
