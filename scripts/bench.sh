@@ -10,7 +10,7 @@
 # weighted-sum baseline's, same implementation) and the expert scaling
 # (32 experts over 8 at the same top-k and expert size).
 #
-# PRECISION f32 (the default) runs both in float32; bf16 runs dagmoe with
+# PRECISION f32 (the default) runs both in float32. bf16 runs dagmoe with
 # train.precision = "bf16" and PyTorch under bf16 autocast, both keeping
 # float32 weights, router and losses.
 #
@@ -32,7 +32,7 @@ done
 case $precision in
     f32) torch_dtype=float32 ;;
     bf16) torch_dtype=bfloat16 ;;
-    *) echo "bench: unknown precision '$precision'; use f32 or bf16" >&2; exit 2 ;;
+    *) echo "bench: invalid PRECISION '$precision'; use f32 or bf16" >&2; exit 2 ;;
 esac
 warmup=3
 threads=$(nproc)

@@ -37,7 +37,7 @@ pub(crate) fn project_with<const D: usize>(x: Tensor<D>, weight: Tensor<2>) -> T
     x.reshape([rows, d_in]).matmul(weight).reshape(out_dims)
 }
 
-/// `x W` computed at `precision`, returned in float32.
+/// Computes `x W` at `precision` and returns it in float32.
 pub(crate) fn project_at<const D: usize>(x: Tensor<D>, weight: Tensor<2>, precision: Precision) -> Tensor<D> {
     match precision {
         Precision::F32 => project_with(x, weight),
